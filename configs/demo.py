@@ -1,0 +1,75 @@
+"""The demo: the embedded synthetic action dataset, sized for 2 CPU cores.
+
+    python -m dmd_jax.main --config configs/demo.py --workdir runs/demo
+    python -m dmd_jax.main --config configs/demo.py:teacher --workdir runs/teacher
+    python -m dmd_jax.main --config configs/demo.py:tiny --workdir /tmp/t   # tests, smoke runs
+
+Variants (`file.py:arg`): `edge` (default) trains the tiny X3D edge; `teacher` the ~10x
+larger X3D the hybrid system defers to; `tiny` a seconds-long run for smoke tests.
+"""
+
+import ml_collections
+
+
+def data_config(size: str = "demo") -> ml_collections.ConfigDict:
+    """The embedded dataset; `size='tiny'` for tests."""
+    splits = {"train": 6144, "calibration": 1024, "test": 1024, "unlabelled": 2048}
+    if size == "tiny":
+        splits = {"train": 64, "calibration": 32, "test": 32, "unlabelled": 32}
+    return ml_collections.ConfigDict(dict(
+        name="synthetic_actions",  # or 'video_folder' (data.root) or 'ucf101'
+        data_dir="",  # '' -> tfds's default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+        prepare=True,  # generate the dataset when it is missing
+        seed=0,
+        frames=8,
+        size=32,
+        split_sizes=splits,
+        root="",  # video_folder only
+        tfds_config="ucf101_1_256",  # ucf101 only
+    ))
+
+
+# Model sizes: the edge is tiny; the teacher ~10x its parameters.
+EDGE = dict(width_factor=0.5, depth_factor=1.0, head_dim=128)
+TEACHER = dict(width_factor=1.0, depth_factor=2.2, head_dim=512)
+
+
+def model_config(arch: dict) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        name="x3d", stem_dim_in=12, bottleneck_factor=2.25, se_ratio=0.0625,
+        dropout_rate=0.2, depthwise_impl="shifted", dtype="float32", **arch))
+
+
+def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
+    if arg not in ("edge", "teacher", "tiny"):
+        raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use edge, teacher or tiny")
+    config = ml_collections.ConfigDict()
+    config.job = "train"
+    config.seed = 0
+    config.num_devices = 0  # 0: every device of every host
+    config.data = data_config("tiny" if arg == "tiny" else "demo")
+    config.model = model_config(TEACHER if arg == "teacher" else EDGE)
+
+    config.train = ml_collections.ConfigDict(dict(
+        batch_size=32,  # global, over all devices and hosts
+        steps=1200,
+        optimizer="adamw",  # 'adamw' or 'sgd'
+        learning_rate=3e-3,
+        warmup_steps=60,
+        weight_decay=1e-4,
+        momentum=0.9,  # sgd only
+        label_smoothing=0.0,
+        log_every=50,
+        eval_every=400,
+        eval_split="test",
+        eval_batch_size=128,
+        checkpoint_every=200,
+        keep_checkpoints=2,
+    ))
+    if arg == "teacher":
+        config.train.steps = 1200
+    if arg == "tiny":
+        config.model.update(width_factor=0.25, depth_factor=0.5, head_dim=32)
+        config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
+                            batch_size=8, eval_batch_size=16, warmup_steps=1)
+    return config

@@ -1,0 +1,99 @@
+"""Checkpoints: a thin wrapper over orbax's CheckpointManager.
+
+A checkpoint is a step directory holding two items: `state` (any pytree of arrays,
+saved with StandardSave) and `meta` (JSON: what a resumed run must check or restore,
+e.g. the data position). Orbax writes each step to a temporary directory and renames
+it when complete, so a job killed mid-save leaves no half-written step behind. A step
+that is present but unreadable (a damaged disk, a file truncated by hand) is skipped
+with a warning and the previous step is used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from dmd_jax.errors import UserError
+
+
+class CheckpointMismatchError(UserError, ValueError):
+    """A checkpoint that does not fit the model: resuming it would be wrong, not slow."""
+
+
+def _shapes(tree: Any) -> dict[str, list[int]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
+
+
+def check_compatible(saved: dict[str, list[int]], target: Any, directory: str) -> None:
+    """Raises one clear error naming the first parameter whose shape differs."""
+    wanted = _shapes(target)
+    missing = sorted(set(wanted) - set(saved))
+    extra = sorted(set(saved) - set(wanted))
+    if missing or extra:
+        raise CheckpointMismatchError(
+            f"checkpoint in {directory} has a different structure from this model "
+            f"(missing: {missing[:3]}, unexpected: {extra[:3]}). It was written by another "
+            "model config: use a fresh --workdir, or restore the config it was written with.")
+    for key, shape in wanted.items():
+        if list(saved[key]) != list(shape):
+            raise CheckpointMismatchError(
+                f"checkpoint in {directory}: parameter {key} has shape {tuple(saved[key])} "
+                f"but this model expects {tuple(shape)}. It was written by another model config: "
+                "use a fresh --workdir, or restore the config it was written with.")
+
+
+class Checkpointer:
+    """Saves every `save` asynchronously; restores the newest readable step."""
+
+    def __init__(self, directory: str, max_to_keep: int = 3):
+        self.directory = str(epath.Path(directory).absolute())
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        meta = {**meta, "step": int(step), "shapes": _shapes(state)}
+        self._manager.save(step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def restore_latest(self, target: Any) -> tuple[Any, dict[str, Any]] | None:
+        """`(state, meta)` of the newest readable step shaped like `target`, or None.
+
+        `target` is a pytree of arrays or `jax.ShapeDtypeStruct`s (with shardings):
+        restored arrays land directly with those shardings.
+        """
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        for step in reversed(self.steps()):
+            try:
+                meta = self._manager.restore(step, args=ocp.args.Composite(
+                    meta=ocp.args.JsonRestore()))["meta"]
+            except Exception as err:  # noqa: BLE001 - any failure means unreadable
+                logging.warning("checkpoint step %d in %s is unreadable (%s); trying the "
+                                "previous one", step, self.directory, err)
+                continue
+            check_compatible(meta.get("shapes", {}), target, self.directory)
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract)))
+            except Exception as err:  # noqa: BLE001
+                logging.warning("checkpoint step %d in %s is unreadable (%s); trying the "
+                                "previous one", step, self.directory, err)
+                continue
+            return restored["state"], meta
+        return None
+
+    def wait(self) -> None:
+        """Blocks until pending asynchronous saves are on disk."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

@@ -1,0 +1,73 @@
+"""Loading `configs/<file>.py[:arg]` and explaining bad overrides and bad input."""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import re
+import sys
+from typing import Any, Callable
+
+import ml_collections
+
+from dmd_jax.errors import UserError
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+    """`path.py[:arg]` -> `get_config(arg)`, as ml_collections' config_flags does."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} does not exist")
+    module_spec = importlib.util.spec_from_file_location("_dmd_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """Every dotted key of a config, nested ones included."""
+    keys = []
+    for key, value in config.items():
+        keys.append(prefix + key)
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(flat_keys(value, f"{prefix}{key}."))
+    return keys
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """Names the first `--config.KEY=...` whose KEY the config lacks, with the nearest keys."""
+    spec = _flag_value(argv, "config")
+    if spec is None:
+        return None
+    try:
+        keys = flat_keys(load_config(spec))
+    except Exception:  # noqa: BLE001 - then absl's own message is the best we have
+        return None
+    for arg in argv[1:]:
+        match = re.match(r"--config\.([\w.]+)", arg)
+        if match and match.group(1) not in keys:
+            key = match.group(1)
+            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+            hint = f"; nearest valid keys: {', '.join(near)}" if near else ""
+            return f"unknown config key {key!r} (from {arg!r}) in {spec}{hint}"
+    return None
+
+
+def _flag_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def run_with_clear_errors(fn: Callable[[], Any]) -> Any:
+    """Runs `fn`; a UserError ends the process with its one-line message (exit code 2)."""
+    try:
+        return fn()
+    except UserError as err:
+        if os.environ.get("DMD_TRACEBACK"):
+            raise
+        sys.exit(f"error: {err}")

@@ -1,0 +1,153 @@
+"""The input pipeline: which tfds builder a config names, and batches from its splits.
+
+Training batches are a pure function of `(seed, step)`: the global batch at step `s`
+is rows `s*B .. (s+1)*B` of an endless stream of per-epoch permutations of the split,
+and each host loads only its own rows of it. So the pipeline's position *is* the step
+saved in the checkpoint: a resumed run sees exactly the batches it would have seen,
+with no iterator state to save, and 1 host or 64 hosts see the same global batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib.util
+from typing import Any, Iterable, Iterator
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from dmd_jax.data import builders, synthetic
+from dmd_jax.errors import UserError
+
+# Kinetics statistics, as pytorchvideo's X3D and VideoMAE checkpoints expect.
+MEAN = (0.45, 0.45, 0.45)
+STD = (0.225, 0.225, 0.225)
+
+
+class DatasetNotPreparedError(UserError, FileNotFoundError):
+    """The dataset is not on disk and the config does not allow preparing it."""
+
+
+def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """The tfds builder that `config.data` names (array_record files, no TensorFlow)."""
+    common = dict(data_dir=data.data_dir or None, file_format="array_record")
+    if data.name == "synthetic_actions":
+        render = synthetic.RenderConfig(frames=data.frames, height=data.size, width=data.size)
+        sizes = {split: int(data.split_sizes[split]) for split in builders.SPLITS}
+        config = builders.SyntheticActionsConfig.create(render, sizes, data.seed)
+        return builders.SyntheticActions(config=config, **common)
+    if data.name == "video_folder":
+        return builders.VideoFolder.for_folder(data.root, data.frames, data.size, **common)
+    if data.name == "ucf101":
+        if importlib.util.find_spec("tensorflow") is None:
+            raise ModuleNotFoundError(
+                "tfds's ucf101 builder decodes its videos with TensorFlow, which is not "
+                "installed: `pip install tensorflow`, or lay UCF101 out as a folder of videos "
+                "and use configs/video_folder.py")
+        return tfds.builder(f"ucf101/{data.tfds_config}", **common)
+    raise ValueError(f"unknown config.data.name {data.name!r}; expected one of "
+                     "'synthetic_actions', 'video_folder', 'ucf101'")
+
+
+def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
+    """Returns a prepared builder; generates it first when `data.prepare` allows."""
+    builder = make_builder(data)
+    if not builder.is_prepared():
+        if not data.prepare:
+            raise DatasetNotPreparedError(
+                f"dataset {builder.name}/{builder.builder_config.name} is not prepared in "
+                f"{builder.data_dir_root}. Prepare it with --config.data.prepare=True (or "
+                "point --config.data.data_dir at the folder that holds it).")
+        print(f"Preparing dataset {builder.name}/{builder.builder_config.name} in "
+              f"{builder.data_dir_root} (once) ...", flush=True)
+        builder.download_and_prepare()
+    return builder
+
+
+class Split:
+    """One split of a prepared dataset: random access to `(video, label, id)` rows."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, frames: int, size: int):
+        if split not in builder.info.splits:
+            raise ValueError(f"dataset {builder.name} has no split {split!r}; it has "
+                             f"{sorted(builder.info.splits)}")
+        self.name = split
+        self._source = builder.as_data_source(split=split)
+        self._frames, self._size = frames, size
+        self.num_classes = builder.info.features["label"].num_classes
+        self.class_names = tuple(builder.info.features["label"].names)
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        examples = self._source.__getitems__([int(i) for i in indices])
+        return {
+            "video": np.stack([_fit_clip(e["video"], self._frames, self._size) for e in examples]),
+            "label": np.asarray([e["label"] for e in examples], np.int32),
+            "id": np.asarray([e["id"] for e in examples], np.int32),
+        }
+
+
+def _fit_clip(video: np.ndarray, frames: int, size: int) -> np.ndarray:
+    """Uniform temporal sampling for datasets stored at another length (e.g. ucf101)."""
+    if video.shape[0] != frames:
+        video = video[np.linspace(0, video.shape[0] - 1, frames).round().astype(int)]
+    if video.shape[1:3] != (size, size):
+        raise ValueError(f"clips are {video.shape[1:3]} pixels but config.data.size={size}; "
+                         "re-prepare the dataset at that size")
+    return video
+
+
+def train_indices(num_examples: int, global_batch: int, step: int, seed: int,
+                  rows: slice) -> np.ndarray:
+    """Dataset indices of `rows` of the global batch at `step` (endless, reshuffled per epoch)."""
+    positions = np.arange(step * global_batch, (step + 1) * global_batch)[rows]
+    epochs, offsets = np.divmod(positions, num_examples)
+    out = np.empty_like(positions)
+    for epoch in np.unique(epochs):
+        perm = np.random.default_rng([seed, int(epoch)]).permutation(num_examples)
+        out[epochs == epoch] = perm[offsets[epochs == epoch]]
+    return out
+
+
+def train_batches(split: Split, global_batch: int, start_step: int, seed: int,
+                  rows: slice) -> Iterator[dict[str, np.ndarray]]:
+    """This host's rows of the global batches at steps `start_step, start_step+1, ...`."""
+    step = start_step
+    while True:
+        yield split.rows(train_indices(len(split), global_batch, step, seed, rows))
+        step += 1
+
+
+def eval_batches(split: Split, global_batch: int,
+                 rows: slice) -> Iterator[dict[str, np.ndarray]]:
+    """One pass in order; the last batch is padded, `mask` marks the real rows."""
+    n = len(split)
+    for start in range(0, n, global_batch):
+        positions = np.arange(start, start + global_batch)[rows]
+        mask = positions < n
+        batch = split.rows(np.minimum(positions, n - 1))
+        batch["mask"] = mask
+        yield batch
+
+
+def prefetch(batches: Iterable[Any], depth: int = 2) -> Iterator[Any]:
+    """Loads the next `depth` batches on a background thread while the device computes."""
+    iterator = iter(batches)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = [pool.submit(next, iterator, None) for _ in range(depth)]
+        while True:
+            batch = pending.pop(0).result()
+            if batch is None:
+                return
+            pending.append(pool.submit(next, iterator, None))
+            yield batch
+
+
+def normalize(video: jnp.ndarray) -> jnp.ndarray:
+    """uint8 clips -> normalised float32 model input (done on the device, inside jit)."""
+    x = video.astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(MEAN)) / jnp.asarray(STD)

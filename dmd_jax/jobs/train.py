@@ -1,0 +1,241 @@
+"""The `train` job: supervised training of a video classifier (the edge or a teacher).
+
+One jitted step over the `data` mesh: the batch is sharded, parameters and optimiser
+state replicated; XLA adds the gradient all-reduce and computes BatchNorm statistics
+over the whole global batch. The step's randomness is `fold_in(seed, step)` and the
+data is a pure function of the step (see `data.pipeline`), so a run resumed from any
+checkpoint finishes bit-identical to one that never stopped.
+
+Writes to the workdir: `checkpoints/`, TensorBoard events, `config.json`,
+`parameters.txt`, `predictions.npz` (per-clip logits on the eval split) and
+`summary.json` (`eval_accuracy`, `steps`, `examples_per_sec`, `param_fingerprint`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from clu import metrics
+
+from dmd_jax import checkpoint, models, parallel, reporting
+from dmd_jax.data import pipeline
+from dmd_jax.errors import UserError
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training diverged; raised before the diverged state could be checkpointed."""
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jnp.ndarray
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+# Built with `create`, not class annotations: those are strings under
+# `from __future__ import annotations`, which clu cannot read.
+TrainMetrics = metrics.Collection.create(
+    loss=metrics.Average.from_output("loss"),
+    accuracy=metrics.Average.from_output("accuracy"),
+    grad_norm=metrics.Average.from_output("grad_norm"))
+
+
+def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Linear warm-up then cosine decay; AdamW or SGD with momentum."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, train.learning_rate, train.warmup_steps, max(train.steps, train.warmup_steps + 1))
+    if train.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=train.weight_decay)
+    if train.optimizer == "sgd":
+        return optax.chain(optax.add_decayed_weights(train.weight_decay),
+                           optax.sgd(schedule, momentum=train.momentum))
+    raise ValueError(f"unknown config.train.optimizer {train.optimizer!r}; use 'adamw' or 'sgd'")
+
+
+def init_state(model, tx, clip_shape: tuple[int, ...], seed: int) -> TrainState:
+    variables = model.init(jax.random.key(seed), jnp.zeros((1, *clip_shape), jnp.float32))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
+def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
+               label_smoothing: float, seed: int) -> tuple[TrainState, metrics.Collection]:
+    """One optimiser step on a (global) batch; pure, so jit may shard it however."""
+    dropout_key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
+    x = pipeline.normalize(batch["video"])
+    targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], model.num_classes),
+                                  label_smoothing)
+
+    def loss_fn(params):
+        (logits, _), updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats}, x, train=True,
+            mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        return optax.softmax_cross_entropy(logits, targets).mean(), (logits, updates)
+
+    (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    deltas, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, deltas),
+                              batch_stats=updates["batch_stats"], opt_state=opt_state)
+    return new_state, TrainMetrics.single_from_model_output(
+        loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
+        grad_norm=optax.global_norm(grads))
+
+
+def eval_logits(state: TrainState, video: jnp.ndarray, *, model) -> jnp.ndarray:
+    (logits, _) = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                              pipeline.normalize(video), train=False)
+    return logits
+
+
+def evaluate(eval_fn, state: TrainState, split: pipeline.Split, batch_size: int,
+             mesh) -> dict[str, np.ndarray]:
+    """Logits for every clip of `split`, in order (padding rows dropped)."""
+    rows = parallel.host_slice(batch_size)
+    logits, labels, ids = [], [], []
+    for batch in pipeline.prefetch(pipeline.eval_batches(split, batch_size, rows)):
+        global_batch = parallel.to_global(batch, mesh)
+        out = parallel.fetch({"logits": eval_fn(state, global_batch["video"]),
+                              "label": global_batch["label"], "id": global_batch["id"],
+                              "mask": global_batch["mask"]})
+        keep = out["mask"].astype(bool)
+        logits.append(out["logits"][keep])
+        labels.append(out["label"][keep])
+        ids.append(out["id"][keep])
+    return {"logits": np.concatenate(logits), "label": np.concatenate(labels),
+            "id": np.concatenate(ids)}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    reporting.ensure_workdir(workdir)
+    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    cfg = config.train
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_global_batch(cfg.batch_size, mesh)
+    parallel.check_global_batch(cfg.eval_batch_size, mesh)
+
+    builder = pipeline.prepare(config.data)
+    train_split = pipeline.Split(builder, "train", config.data.frames, config.data.size)
+    eval_split = pipeline.Split(builder, cfg.eval_split, config.data.frames, config.data.size)
+    model = models.build(config.model, train_split.num_classes)
+    tx = make_optimizer(cfg)
+    clip_shape = (config.data.frames, config.data.size, config.data.size, 3)
+
+    repl = parallel.replicated(mesh)
+    state = jax.jit(functools.partial(init_state, model, tx, clip_shape, config.seed),
+                    out_shardings=repl)()
+    reporting.log(f"[train] {reporting.parameter_summary(state.params, workdir)}")
+    reporting.log(f"[train] mesh {dict(mesh.shape)} on {parallel.describe()}; global batch "
+                  f"{cfg.batch_size}; {len(train_split)} training clips, "
+                  f"{train_split.num_classes} classes")
+
+    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
+    data_meta = {"data_seed": config.data.seed + config.seed, "batch_size": cfg.batch_size}
+    state, start_step = _maybe_resume(ckpt, state, data_meta)
+
+    step_fn = jax.jit(
+        functools.partial(train_step, model=model, tx=tx, label_smoothing=cfg.label_smoothing,
+                          seed=config.seed),
+        in_shardings=(repl, parallel.batch_sharded(mesh)), out_shardings=(repl, repl),
+        donate_argnums=0)
+    eval_fn = jax.jit(functools.partial(eval_logits, model=model),
+                      in_shardings=(repl, parallel.batch_sharded(mesh)),
+                      out_shardings=parallel.batch_sharded(mesh))
+
+    writer = reporting.MetricWriter(workdir)
+    progress = reporting.Progress(cfg.steps, start_step, cfg.batch_size)
+    batches = pipeline.prefetch(pipeline.train_batches(
+        train_split, cfg.batch_size, start_step, data_meta["data_seed"],
+        parallel.host_slice(cfg.batch_size)))
+    compile_seconds, window = None, None
+    for step in range(start_step + 1, cfg.steps + 1):
+        batch = parallel.to_global(next(batches), mesh)
+        t0 = time.perf_counter()
+        state, step_metrics = step_fn(state, batch)
+        window = step_metrics if window is None else window.merge(step_metrics)
+        if compile_seconds is None:
+            jax.block_until_ready(state)
+            compile_seconds = time.perf_counter() - t0
+            reporting.log(f"[train] first step (compile + run) took {compile_seconds:.1f}s")
+            progress.restart_clock(step)
+
+        is_last = step == cfg.steps
+        if step % cfg.log_every == 0 or step % cfg.checkpoint_every == 0 or is_last:
+            values = _check_finite(window.compute(), step, ckpt, cfg.learning_rate)
+            window = None
+            writer.scalars(step, {f"train/{k}": v for k, v in values.items()})
+            reporting.log(progress.line(step, values))
+        if step % cfg.eval_every == 0 and not is_last:
+            accuracy = _accuracy(evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh))
+            writer.scalars(step, {f"eval/{cfg.eval_split}_accuracy": accuracy})
+            reporting.log(f"[eval] step {step}  {cfg.eval_split} accuracy {accuracy:.4f}")
+        if step % cfg.checkpoint_every == 0 or is_last:
+            ckpt.save(step, state, {**data_meta, "examples_seen": step * cfg.batch_size})
+    ckpt.wait()
+
+    predictions = evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh)
+    reporting.save_npz(os.path.join(workdir, "predictions.npz"), **predictions)
+    summary = {
+        "eval_accuracy": _accuracy(predictions),
+        "eval_split": cfg.eval_split,
+        "steps": int(state.step),
+        "examples_per_sec": progress.examples_per_sec,
+        "compile_seconds": compile_seconds,
+        "param_fingerprint": reporting.fingerprint(
+            {"params": state.params, "batch_stats": state.batch_stats}),
+        "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
+        "devices": parallel.describe(),
+    }
+    writer.scalars(cfg.steps, {f"eval/{cfg.eval_split}_accuracy": summary["eval_accuracy"]})
+    writer.close()
+    ckpt.close()
+    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    reporting.log(f"[train] done: {cfg.eval_split} accuracy {summary['eval_accuracy']:.4f}, "
+                  f"{summary['examples_per_sec']:.0f} clips/s, fingerprint "
+                  f"{summary['param_fingerprint']}")
+    return summary
+
+
+def _maybe_resume(ckpt: checkpoint.Checkpointer, state: TrainState,
+                  data_meta: dict[str, Any]) -> tuple[TrainState, int]:
+    restored = ckpt.restore_latest(state)
+    if restored is None:
+        return state, 0
+    state, meta = restored
+    for key, value in data_meta.items():
+        if meta.get(key) != value:
+            raise checkpoint.CheckpointMismatchError(
+                f"checkpoint step {meta['step']} in {ckpt.directory} was written with "
+                f"{key}={meta.get(key)}, this run has {key}={value}; resuming would change the "
+                "data order. Use a fresh --workdir or the original setting.")
+    reporting.log(f"[train] resumed from checkpoint step {meta['step']}")
+    return state, int(meta["step"])
+
+
+def _check_finite(values: dict[str, Any], step: int, ckpt: checkpoint.Checkpointer,
+                  learning_rate: float) -> dict[str, float]:
+    """Stops at the first non-finite loss or gradient, before anything diverged is saved."""
+    values = {k: float(v) for k, v in values.items()}
+    if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+        last = ckpt.steps()
+        kept = f"the checkpoint of step {last[-1]} is intact" if last else "no checkpoint was written"
+        raise NonFiniteLossError(
+            f"non-finite training loss ({values['loss']}) or gradient norm "
+            f"({values['grad_norm']}) by step {step}; nothing was saved from the diverged run "
+            f"and {kept}. Lower config.train.learning_rate (now {learning_rate}) or check "
+            "the input data.")
+    return values
+
+
+def _accuracy(predictions: dict[str, np.ndarray]) -> float:
+    return float(np.mean(np.argmax(predictions["logits"], -1) == predictions["label"]))

@@ -1,0 +1,56 @@
+"""Entry point: `python -m dmd_jax.main --config configs/<file>.py[:arg] --workdir DIR`.
+
+`config.job` names the job; each job module has `run(config, workdir) -> summary`.
+Config overrides are `--config.key=value`; an unknown key stops with the nearest
+valid ones.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dmd_jax import config_utils, parallel
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Experiment config: configs/<file>.py[:variant].", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and summaries go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _jobs():
+    """Job name -> run function. Imported here so `--help` stays fast."""
+    from dmd_jax.jobs import train
+    return {"train": train.run}
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    config = _CONFIG.value
+    jobs = _jobs()
+    if config.job not in jobs:
+        raise app.UsageError(f"config.job={config.job!r} is not a job; available: {sorted(jobs)}")
+    parallel.maybe_initialize_distributed()
+    jobs[config.job](config, _WORKDIR.value)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with unknown config keys reported as one clear line."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        problem = config_utils.unknown_override(argv) or str(err)
+        sys.exit(f"error: {problem}")
+
+
+def run() -> None:
+    config_utils.run_with_clear_errors(lambda: app.run(main, flags_parser=parse_flags))
+
+
+if __name__ == "__main__":
+    run()

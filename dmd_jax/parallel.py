@@ -1,0 +1,117 @@
+"""Devices, the mesh and shardings: the only module of dmd_jax that knows about devices.
+
+Data parallelism, big_vision style: one 1-D mesh axis `data`; batches are sharded along
+it, parameters and optimiser state are replicated, and `jax.jit` inserts the
+collectives (gradient all-reduce, BatchNorm statistics over the global batch). The same
+code runs on one CPU, on fake CPU devices, on a GPU and on a multi-host TPU pod, where
+each host feeds its own slice of the global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def maybe_initialize_distributed() -> None:
+    """Joins a multi-process job when the environment describes one.
+
+    Cloud TPU VMs (and SLURM/Open MPI on GPUs) are detected by
+    `jax.distributed.initialize()` itself; `DMD_COORDINATOR`, `DMD_NUM_PROCESSES`
+    and `DMD_PROCESS_ID` describe a job by hand (e.g. several processes on one CPU).
+    """
+    coordinator = os.environ.get("DMD_COORDINATOR")
+    if coordinator:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU stand-in pods
+        jax.distributed.initialize(
+            coordinator,
+            num_processes=int(os.environ["DMD_NUM_PROCESSES"]),
+            process_id=int(os.environ["DMD_PROCESS_ID"]),
+        )
+    elif os.environ.get("DMD_DISTRIBUTED") == "auto":
+        jax.distributed.initialize()
+
+
+def make_mesh(num_devices: int = 0) -> Mesh:
+    """A 1-D `data` mesh over the first `num_devices` devices (0: all of them).
+
+    Auto axis types: jit chooses the layouts of intermediates, so model code needs no
+    sharding annotations.
+    """
+    devices = jax.devices()
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(
+                f"config.num_devices={num_devices} but only {len(devices)} devices exist; "
+                "set --config.num_devices=0 to use all of them")
+        if jax.process_count() > 1 and num_devices != len(devices):
+            raise ValueError("config.num_devices must be 0 (all devices) in a multi-host job")
+        devices = devices[:num_devices]
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                         devices=devices)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
+    """Fails early, and clearly, on a batch that cannot be split evenly."""
+    if global_batch_size % mesh.size:
+        raise ValueError(
+            f"global batch size {global_batch_size} is not divisible by the {mesh.size} "
+            f"devices of the mesh; choose a multiple of {mesh.size}")
+
+
+def host_slice(global_batch_size: int) -> slice:
+    """The rows of each global batch that this host loads."""
+    count, index = jax.process_count(), jax.process_index()
+    if global_batch_size % count:
+        raise ValueError(f"global batch {global_batch_size} does not split over {count} hosts")
+    per_host = global_batch_size // count
+    return slice(index * per_host, (index + 1) * per_host)
+
+
+def to_global(local_batch: Any, mesh: Mesh) -> Any:
+    """Host-local numpy rows -> one global array sharded along `data`, per leaf."""
+    sharding = batch_sharded(mesh)
+    return jax.tree.map(
+        lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
+
+
+def put_replicated(tree: Any, mesh: Mesh) -> Any:
+    return jax.device_put(tree, replicated(mesh))
+
+
+def fetch(tree: Any) -> Any:
+    """Device arrays -> numpy on every host (gathers batch-sharded arrays across hosts)."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def is_main_process() -> bool:
+    """Only the first host writes summaries, logs and files other hosts would duplicate."""
+    return jax.process_index() == 0
+
+
+def describe() -> dict[str, Any]:
+    """What the job ran on, for summaries and benchmark reports."""
+    devices = jax.devices()
+    return {
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+        "process_count": jax.process_count(),
+    }

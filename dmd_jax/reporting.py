@@ -1,0 +1,155 @@
+"""What a job tells the world: progress lines, TensorBoard scalars, summary.json.
+
+Only the main process writes (other hosts would duplicate every line and file).
+Files are written atomically (temporary file + rename), so a killed job never leaves
+a half-written summary or config behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+from clu import parameter_overview
+
+from dmd_jax import parallel
+from dmd_jax.errors import UserError
+
+
+class WorkdirError(UserError, OSError):
+    """The workdir cannot be created or written."""
+
+
+def ensure_workdir(workdir: str) -> None:
+    """Creates the workdir and proves it writable before any work is done."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe"):
+            pass
+    except OSError as err:
+        raise WorkdirError(
+            f"workdir {workdir!r} is not writable ({err.strerror or err}); pass a --workdir "
+            "you can write to") from err
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Writes `text` to `path` so that readers see the old file or the new one, never half."""
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)
+
+
+def write_json(path: str, data: Mapping[str, Any]) -> None:
+    if parallel.is_main_process():
+        write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def save_npz(path: str, **arrays: np.ndarray) -> None:
+    """Per-clip arrays behind a reported figure, written atomically."""
+    if not parallel.is_main_process():
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".npz") as f:
+        np.savez(f, **arrays)
+    os.replace(f.name, path)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def fingerprint(tree: Any) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes: equal iff bit-identical."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(parallel.fetch(tree))[0]:
+        leaf = np.ascontiguousarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{leaf.dtype}|{leaf.shape}".encode())
+        digest.update(leaf.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def parameter_summary(params: Any, workdir: str) -> str:
+    """Writes the full per-tensor table to parameters.txt; returns a per-module digest."""
+    table = parameter_overview.get_parameter_overview(params, include_stats=False)
+    if parallel.is_main_process():
+        write_atomic(os.path.join(workdir, "parameters.txt"), table + "\n")
+    counts: dict[str, int] = {}
+    for key, leaf in params.items():
+        counts[key.split("_block")[0]] = counts.get(key.split("_block")[0], 0) + sum(
+            np.size(x) for x in jax.tree.leaves(leaf))
+    total = sum(counts.values())
+    rows = ", ".join(f"{k} {v:,}" for k, v in counts.items())
+    return f"{total:,} parameters ({rows}); per-tensor table in parameters.txt"
+
+
+class MetricWriter:
+    """TensorBoard event files in the workdir (tensorboardX: no TensorFlow needed)."""
+
+    def __init__(self, workdir: str):
+        self._writer = None
+        if parallel.is_main_process():
+            from tensorboardX import SummaryWriter  # imported lazily: heavy-ish
+            self._writer = SummaryWriter(logdir=workdir, flush_secs=30)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self._writer:
+            for key, value in values.items():
+                self._writer.add_scalar(key, float(value), step)
+
+    def close(self) -> None:
+        if self._writer:
+            self._writer.close()
+
+
+class Progress:
+    """Steps/s, examples/s and ETA over the steps since the last report."""
+
+    def __init__(self, total_steps: int, start_step: int, examples_per_step: int):
+        self.total, self.examples_per_step = total_steps, examples_per_step
+        self._last_step, self._last_time = start_step, time.perf_counter()
+        self.measured_steps, self.measured_seconds = 0, 0.0
+
+    def restart_clock(self, step: int) -> None:
+        """Call after compilation so that compile time does not count as throughput."""
+        self._last_step, self._last_time = step, time.perf_counter()
+
+    def line(self, step: int, metrics: Mapping[str, float], tag: str = "train") -> str:
+        now = time.perf_counter()
+        steps, seconds = step - self._last_step, max(now - self._last_time, 1e-9)
+        self.measured_steps += steps
+        self.measured_seconds += seconds
+        self._last_step, self._last_time = step, now
+        rate = steps / seconds
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        values = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        return (f"[{tag}] step {step}/{self.total}  {values}  {rate:.2f} steps/s  "
+                f"{rate * self.examples_per_step:.0f} clips/s  ETA {_duration(eta)}")
+
+    @property
+    def examples_per_sec(self) -> float:
+        if not self.measured_seconds:
+            return 0.0
+        return self.measured_steps * self.examples_per_step / self.measured_seconds
+
+
+def _duration(seconds: float) -> str:
+    if not np.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def log(message: str) -> None:
+    if parallel.is_main_process():
+        print(message, flush=True)
