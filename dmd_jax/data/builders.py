@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 from typing import Iterator
 
@@ -76,9 +77,11 @@ class SyntheticActions(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         chunks = [(cfg.seed, split, start, min(start + 256, num_clips), cfg.render)
                   for start in range(0, num_clips, 256)]
-        # Rendering is numpy-bound: spread chunks over the cores, keep the order.
+        # Rendering is numpy-bound: spread chunks over the cores, keep the order. Spawned,
+        # not forked: the parent may already run JAX's threads, and fork would copy locks.
         workers = min(len(chunks), os.cpu_count() or 1)
-        with concurrent.futures.ProcessPoolExecutor(workers) as pool:
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             for examples in pool.map(_render_chunk, chunks):
                 yield from examples
 

@@ -110,13 +110,13 @@ def _actor(rng: np.random.Generator, label: int, t: np.ndarray, bg: np.ndarray,
     """The sprite that performs the action; its trajectory defines the class."""
     name = CLASSES[label]
     radius0 = rng.uniform(0.13, 0.18)
-    travel = rng.uniform(0.30, 0.45)
+    travel = rng.uniform(0.50, 0.65)
     centre0 = rng.uniform(0.5 - 0.08, 0.5 + 0.08, 2)
     tri = 1.0 - np.abs(2.0 * t - 1.0)  # 0 -> 1 -> 0
     offset = np.zeros((len(t), 2))
     radius = np.full(len(t), radius0)
     angle = np.full(len(t), rng.uniform(0, 2 * np.pi))
-    spin = rng.uniform(0.5, 0.9) * np.pi  # total rotation, < 45 deg a frame for T >= 8
+    spin = rng.uniform(0.6, 0.9) * np.pi  # total rotation, < 45 deg a frame for T >= 8
 
     axis, sign = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}.get(
         name.split("_")[1] if name.startswith("move") else name.split("_")[0], (0, 0))

@@ -179,6 +179,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             accuracy = _accuracy(evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh))
             writer.scalars(step, {f"eval/{cfg.eval_split}_accuracy": accuracy})
             reporting.log(f"[eval] step {step}  {cfg.eval_split} accuracy {accuracy:.4f}")
+            progress.restart_clock(step)  # throughput counts training steps only
         if step % cfg.checkpoint_every == 0 or is_last:
             ckpt.save(step, state, {**data_meta, "examples_seen": step * cfg.batch_size})
     ckpt.wait()

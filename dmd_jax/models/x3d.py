@@ -145,7 +145,6 @@ class _Norm(nn.Module):
     """BatchNorm with PyTorch's eps/momentum; `axis_name` syncs stats under pmap."""
 
     axis_name: str | None = None
-    zero_init: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -155,7 +154,6 @@ class _Norm(nn.Module):
             momentum=0.9,
             epsilon=1e-5,
             axis_name=self.axis_name if train else None,
-            scale_init=nn.initializers.zeros if self.zero_init else nn.initializers.ones,
             dtype=self.dtype,
         )(x)
 
@@ -207,7 +205,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = lambda name, zero=False: _Norm(self.axis_name, zero, self.dtype, name=name)
+        norm = lambda name: _Norm(self.axis_name, self.dtype, name=name)
         conv = lambda *a, **k: nn.Conv(*a, use_bias=False, kernel_init=_conv_init,
                                        dtype=self.dtype, **k)
         strides = (1, self.stride, self.stride)
@@ -226,7 +224,7 @@ class Bottleneck(nn.Module):
             y = SqueezeExcitation(round_width(self.inner_dim, self.se_ratio),
                                   dtype=self.dtype, name="se")(y)
         y = nn.swish(y)
-        y = norm("norm_c", zero=True)(conv(self.out_dim, (1, 1, 1), name="conv_c")(y), train)
+        y = norm("norm_c")(conv(self.out_dim, (1, 1, 1), name="conv_c")(y), train)
         return nn.relu(shortcut + y)
 
 

