@@ -43,9 +43,11 @@ def parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with unknown config keys reported as one clear line."""
     try:
         return flags.FLAGS(argv)
-    except flags.Error as err:
-        problem = config_utils.unknown_override(argv) or str(err)
-        sys.exit(f"error: {problem}")
+    except Exception as err:  # noqa: BLE001 - ml_collections raises AttributeError, absl Error
+        problem = config_utils.unknown_override(argv)
+        if problem is None and not isinstance(err, flags.Error):
+            raise
+        sys.exit(f"error: {problem or err}")
 
 
 def run() -> None:

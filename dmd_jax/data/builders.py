@@ -45,7 +45,8 @@ class SyntheticActionsConfig(tfds.core.BuilderConfig):
     def create(cls, render: synthetic.RenderConfig, split_sizes: dict[str, int],
                seed: int) -> "SyntheticActionsConfig":
         """Names the config by a hash of its content, so two settings never share files."""
-        content = json.dumps([dataclasses.asdict(render), split_sizes, seed], sort_keys=True)
+        content = json.dumps([synthetic.RENDERER_VERSION, dataclasses.asdict(render),
+                              split_sizes, seed], sort_keys=True)
         digest = hashlib.sha256(content.encode()).hexdigest()[:10]
         name = f"f{render.frames}_{render.height}x{render.width}_s{seed}_{digest}"
         return cls(name=name, render=render, split_sizes=dict(split_sizes), seed=seed)
@@ -66,6 +67,7 @@ class SyntheticActions(tfds.core.GeneratorBasedBuilder):
             features=_video_features(r.frames, r.height, r.width, synthetic.CLASSES),
             supervised_keys=("video", "label"),
             description=synthetic.__doc__,
+            disable_shuffling=True,  # rows stay in id order; the pipeline shuffles per step
         )
 
     def _split_generators(self, dl_manager):
@@ -129,6 +131,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         return self.dataset_info_from_configs(
             features=_video_features(c.frames, c.size, c.size, video_folder.class_names(c.root)),
             supervised_keys=("video", "label"),
+            disable_shuffling=True,
         )
 
     def _split_generators(self, dl_manager):

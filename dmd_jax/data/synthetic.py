@@ -25,6 +25,9 @@ CLASSES: tuple[str, ...] = (
     "rotate_cw", "rotate_ccw", "grow", "shrink",
     "right_then_left", "left_then_right", "up_then_down", "down_then_up",
 )
+# Bump when rendering changes: it is part of the prepared dataset's name, so stale
+# files are never reused.
+RENDERER_VERSION = 2
 SPLIT_CODES = {"train": 0, "calibration": 1, "test": 2, "unlabelled": 3}
 _SHAPES = ("square", "triangle", "cross", "bar", "diamond")
 

@@ -141,21 +141,10 @@ def _shifted_depthwise(x: jnp.ndarray, kernel: jnp.ndarray,
     return out
 
 
-class _Norm(nn.Module):
-    """BatchNorm with PyTorch's eps/momentum; `axis_name` syncs stats under pmap."""
-
-    axis_name: str | None = None
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        return nn.BatchNorm(
-            use_running_average=not train,
-            momentum=0.9,
-            epsilon=1e-5,
-            axis_name=self.axis_name if train else None,
-            dtype=self.dtype,
-        )(x)
+def _batch_norm(train: bool, axis_name: str | None, dtype: Any, name: str) -> nn.BatchNorm:
+    """BatchNorm with PyTorch's eps/momentum; `axis_name` syncs statistics under pmap."""
+    return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                        axis_name=axis_name if train else None, dtype=dtype, name=name)
 
 
 class SqueezeExcitation(nn.Module):
@@ -187,7 +176,7 @@ class Stem(nn.Module):
                     use_bias=False, kernel_init=_conv_init, dtype=self.dtype, name="conv_xy")(x)
         x = DepthwiseConv3D((self.temporal_kernel, 1, 1), impl=self.depthwise_impl,
                             dtype=self.dtype, name="conv_t")(x)
-        x = _Norm(self.axis_name, dtype=self.dtype, name="norm")(x, train)
+        x = _batch_norm(train, self.axis_name, self.dtype, "norm")(x)
         return nn.relu(x)
 
 
@@ -205,26 +194,29 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        norm = lambda name: _Norm(self.axis_name, self.dtype, name=name)
+        norm = lambda name: _batch_norm(train, self.axis_name, self.dtype, name)
         conv = lambda *a, **k: nn.Conv(*a, use_bias=False, kernel_init=_conv_init,
                                        dtype=self.dtype, **k)
         strides = (1, self.stride, self.stride)
 
+        # As pytorchvideo: a 1x1x1 projection when the shape changes, normalised only
+        # when the channel count changes (a stride-only shortcut has no BatchNorm).
         shortcut = x
         if x.shape[-1] != self.out_dim or self.stride > 1:
             shortcut = conv(self.out_dim, (1, 1, 1), strides=strides, padding="VALID",
                             name="branch1_conv")(x)
-            shortcut = norm("branch1_norm")(shortcut, train)
+        if x.shape[-1] != self.out_dim:
+            shortcut = norm("branch1_norm")(shortcut)
 
-        y = nn.relu(norm("norm_a")(conv(self.inner_dim, (1, 1, 1), name="conv_a")(x), train))
+        y = nn.relu(norm("norm_a")(conv(self.inner_dim, (1, 1, 1), name="conv_a")(x)))
         y = DepthwiseConv3D((3, 3, 3), strides, impl=self.depthwise_impl,
                             dtype=self.dtype, name="conv_b")(y)
-        y = norm("norm_b")(y, train)
+        y = norm("norm_b")(y)
         if self.use_se:
             y = SqueezeExcitation(round_width(self.inner_dim, self.se_ratio),
                                   dtype=self.dtype, name="se")(y)
         y = nn.swish(y)
-        y = norm("norm_c")(conv(self.out_dim, (1, 1, 1), name="conv_c")(y), train)
+        y = norm("norm_c")(conv(self.out_dim, (1, 1, 1), name="conv_c")(y))
         return nn.relu(shortcut + y)
 
 
@@ -276,7 +268,7 @@ class X3D(nn.Module):
         arch = self.arch
         x = nn.Conv(arch.head_inner_dim, (1, 1, 1), use_bias=False, kernel_init=_conv_init,
                     dtype=self.dtype, name="head_pre_conv")(x)
-        x = nn.relu(_Norm(self.axis_name, dtype=self.dtype, name="head_pre_norm")(x, train))
+        x = nn.relu(_batch_norm(train, self.axis_name, self.dtype, "head_pre_norm")(x))
         x = jnp.mean(x, axis=(1, 2, 3))
         x = nn.Dense(arch.head_dim, use_bias=False, kernel_init=_conv_init,
                      dtype=self.dtype, name="head_post_conv")(x)
