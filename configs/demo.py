@@ -52,7 +52,7 @@ def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict(dict(
         batch_size=32,  # global, over all devices and hosts
-        steps=1200,
+        steps=1000,
         optimizer="adamw",  # 'adamw' or 'sgd'
         learning_rate=3e-3,
         warmup_steps=60,
@@ -60,14 +60,12 @@ def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
         momentum=0.9,  # sgd only
         label_smoothing=0.0,
         log_every=50,
-        eval_every=400,
+        eval_every=500,
         eval_split="test",
         eval_batch_size=128,
         checkpoint_every=200,
         keep_checkpoints=2,
     ))
-    if arg == "teacher":
-        config.train.steps = 1200
     if arg == "tiny":
         config.model.update(width_factor=0.25, depth_factor=0.5, head_dim=32)
         config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
