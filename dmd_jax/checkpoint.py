@@ -43,7 +43,7 @@ def check_compatible(saved: dict[str, list[int]], target: Any, directory: str) -
     for key, shape in wanted.items():
         if list(saved[key]) != list(shape):
             raise CheckpointMismatchError(
-                f"checkpoint in {directory}: parameter {key} has shape {tuple(saved[key])} "
+                f"checkpoint in {directory}: parameter {key.lstrip('.')} has shape {tuple(saved[key])} "
                 f"but this model expects {tuple(shape)}. It was written by another model config: "
                 "use a fresh --workdir, or restore the config it was written with.")
 

@@ -80,9 +80,9 @@ def _tree_files(directory):
 def test_checkpoint_of_another_model_is_refused_untouched(finished_run, data_dir):
     workdir, _ = finished_run
     before = _tree_files(os.path.join(workdir, "checkpoints"))
-    wider = tiny_config(data_dir, **{"model.width_factor": 1.0})
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="shape"):
-        train.run(wider, workdir)
+    wider_head = tiny_config(data_dir, **{"model.head_dim": 48})
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"head_post_conv.*\(54, 32\).*\(54, 48\)"):
+        train.run(wider_head, workdir)
     assert _tree_files(os.path.join(workdir, "checkpoints")) == before
 
 
