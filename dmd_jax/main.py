@@ -45,9 +45,10 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except Exception as err:  # noqa: BLE001 - ml_collections raises AttributeError, absl Error
         problem = config_utils.unknown_override(argv)
-        if problem is None and not isinstance(err, flags.Error):
-            raise
-        sys.exit(f"error: {problem or err}")
+        if problem is None and not isinstance(err, (flags.Error, ValueError)):
+            raise  # a bug, not bad input: keep the traceback
+        # absl embeds the config file's traceback in its message: its last line says it all.
+        sys.exit(f"error: {problem or str(err).strip().splitlines()[-1]}")
 
 
 def run() -> None:

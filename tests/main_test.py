@@ -33,7 +33,8 @@ def test_unknown_job_lists_the_jobs(tmp_path):
 
 def test_unknown_config_variant(tmp_path):
     out = _main("--config=configs/demo.py:huge", f"--workdir={tmp_path}")
-    assert out.returncode != 0 and "huge" in out.stderr
+    assert out.returncode != 0 and "unknown variant 'huge'" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_unprepared_dataset_is_one_line(tmp_path):

@@ -27,7 +27,7 @@ CLASSES: tuple[str, ...] = (
 )
 # Bump when rendering changes: it is part of the prepared dataset's name, so stale
 # files are never reused.
-RENDERER_VERSION = 2
+RENDERER_VERSION = 4
 SPLIT_CODES = {"train": 0, "calibration": 1, "test": 2, "unlabelled": 3}
 _SHAPES = ("square", "triangle", "cross", "bar", "diamond")
 
@@ -41,9 +41,9 @@ class RenderConfig:
     width: int = 32
     max_distractors: int = 3
     max_clutter: int = 6
-    max_noise: float = 0.10
-    min_contrast: float = 0.22
-    occlusion_prob: float = 0.6
+    max_noise: float = 0.05
+    min_contrast: float = 0.35
+    occlusion_prob: float = 0.5
     max_drift: float = 0.25  # of the actor's travel, in a random direction
 
 
@@ -119,7 +119,7 @@ def _actor(rng: np.random.Generator, label: int, t: np.ndarray, bg: np.ndarray,
     offset = np.zeros((len(t), 2))
     radius = np.full(len(t), radius0)
     angle = np.full(len(t), rng.uniform(0, 2 * np.pi))
-    spin = rng.uniform(0.6, 0.9) * np.pi  # total rotation, < 45 deg a frame for T >= 8
+    spin = rng.uniform(0.7, 1.0) * np.pi  # total rotation, < 45 deg a frame for T >= 8
 
     axis, sign = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}.get(
         name.split("_")[1] if name.startswith("move") else name.split("_")[0], (0, 0))
@@ -132,7 +132,7 @@ def _actor(rng: np.random.Generator, label: int, t: np.ndarray, bg: np.ndarray,
     elif name == "rotate_ccw":
         angle = angle - spin * t
     elif name in ("grow", "shrink"):
-        ratio = rng.uniform(1.6, 2.0)
+        ratio = rng.uniform(2.2, 2.8)
         exponent = (t - 0.5) if name == "grow" else (0.5 - t)
         radius = radius0 * ratio ** exponent
 
@@ -140,13 +140,15 @@ def _actor(rng: np.random.Generator, label: int, t: np.ndarray, bg: np.ndarray,
     drift = d * cfg.max_drift * travel * np.stack([np.cos(theta), np.sin(theta)])
     centre = centre0 + offset + (t[:, None] - 0.5) * drift
     contrast = 0.6 - (0.6 - cfg.min_contrast) * d
+    colour = _contrasting_colour(rng, bg, contrast)
     return _Sprite(
         shape=_SHAPES[rng.integers(len(_SHAPES))],
         centre=centre, radius=radius, angle=angle,
-        colour=_contrasting_colour(rng, bg, contrast),
+        colour=colour,
         stripe_colour=_contrasting_colour(rng, bg, contrast * 0.7),
         stripe_freq=float(rng.choice([0.0, 3.0, 5.0])),
-        marker_colour=_contrasting_colour(rng, bg, contrast),
+        # The marker shows which way the actor turns: it must stand out from the actor.
+        marker_colour=_contrasting_colour(rng, colour, 0.5),
     )
 
 
@@ -159,7 +161,7 @@ def _distractor(rng: np.random.Generator, t: np.ndarray, actor: _Sprite, cfg: Re
     return _Sprite(
         shape=_SHAPES[rng.integers(len(_SHAPES))],
         centre=centre,
-        radius=np.full(len(t), actor.radius.mean() * rng.uniform(0.45, 0.7)),
+        radius=np.full(len(t), actor.radius.mean() * rng.uniform(0.35, 0.55)),
         angle=rng.uniform(0, 2 * np.pi) + rng.uniform(-1, 1) * t,
         colour=rng.uniform(0, 1, 3), stripe_colour=rng.uniform(0, 1, 3),
         stripe_freq=float(rng.choice([0.0, 4.0])), marker_colour=rng.uniform(0, 1, 3),
@@ -209,7 +211,7 @@ def _draw(frames: np.ndarray, sprite: _Sprite, cfg: RenderConfig) -> None:
 
     stripes = 0.5 + 0.5 * np.sin(u * sprite.stripe_freq * np.pi) if sprite.stripe_freq else 0.0
     colour = sprite.colour + (sprite.stripe_colour - sprite.colour) * np.asarray(stripes)[..., None]
-    marker = np.clip(1.0 - np.hypot(u - 0.45, v) / 0.3, 0.0, 1.0)[..., None] > 0
+    marker = (np.hypot(u - 0.45, v) < 0.35)[..., None]
     colour = np.where(marker, sprite.marker_colour, colour)
     frames *= 1.0 - alpha
     frames += alpha * colour
