@@ -13,17 +13,15 @@ from __future__ import annotations
 import argparse
 import functools
 import platform
-import sys
 import time
-import types
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from dmd_jax.jobs import train
 from dmd_jax.models.x3d import X3D
+from dmd_jax.references import pytorchvideo_create_x3d
 
 CASES = {
     # name: (model kwargs, batch, frames, crop)
@@ -61,21 +59,9 @@ def bench_jax(kwargs, batch, frames, crop, steps):
     return batch * steps / (time.perf_counter() - t0), compile_s, params
 
 
-def _pytorchvideo_x3d():
-    if "torchvision" not in sys.modules:  # only pytorchvideo's ROI head imports it
-        tv = types.ModuleType("torchvision")
-        tv.ops = types.ModuleType("torchvision.ops")
-        tv.ops.RoIAlign = object
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        sys.modules.update({"torchvision": tv, "torchvision.ops": tv.ops,
-                            "torchvision.transforms": tv.transforms})
-    from pytorchvideo.models.x3d import create_x3d
-    return create_x3d
-
-
 def bench_torch(kwargs, batch, frames, crop, steps):
     import torch
-    model = _pytorchvideo_x3d()(
+    model = pytorchvideo_create_x3d()(
         input_clip_length=frames, input_crop_size=crop, model_num_class=NUM_CLASSES,
         dropout_rate=0.0, width_factor=kwargs["width_factor"],
         depth_factor=kwargs["depth_factor"], head_dim_out=kwargs["head_dim"],

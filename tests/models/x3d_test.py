@@ -1,27 +1,12 @@
 """X3D: architecture matches pytorchvideo's builder; the depthwise implementations agree."""
 
-import sys
-import types
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dmd_jax.models import x3d
-
-
-def _pytorchvideo_create_x3d():
-    """pytorchvideo's builder; torchvision (ROI head only) is stubbed out, as it has no CPU wheel."""
-    if "torchvision" not in sys.modules:
-        tv = types.ModuleType("torchvision")
-        tv.ops = types.ModuleType("torchvision.ops")
-        tv.ops.RoIAlign = object
-        tv.transforms = types.ModuleType("torchvision.transforms")
-        sys.modules.update({"torchvision": tv, "torchvision.ops": tv.ops,
-                            "torchvision.transforms": tv.transforms})
-    from pytorchvideo.models.x3d import create_x3d
-    return create_x3d
+from dmd_jax.references import pytorchvideo_create_x3d
 
 
 def _count(tree) -> int:
@@ -35,7 +20,7 @@ def _count(tree) -> int:
 ])
 def test_parameter_count_matches_pytorchvideo(kwargs):
     torch = pytest.importorskip("torch")
-    ref = _pytorchvideo_create_x3d()(
+    ref = pytorchvideo_create_x3d()(
         input_clip_length=4, input_crop_size=64, model_num_class=400,
         width_factor=kwargs["width_factor"], depth_factor=kwargs["depth_factor"],
         head_dim_out=kwargs["head_dim"])
