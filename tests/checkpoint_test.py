@@ -44,12 +44,16 @@ def _damage_latest(directory: str, step: int) -> None:
                     pass
 
 
-def test_damaged_latest_step_falls_back_to_previous(tmp_path, caplog):
-    directory = str(tmp_path / "c")
+def _two_steps(directory: str) -> None:
     ckpt = checkpoint.Checkpointer(directory)
     ckpt.save(1, _state(1.0), {})
     ckpt.save(2, _state(2.0), {})
     ckpt.wait()
+
+
+def test_damaged_latest_step_falls_back_to_previous(tmp_path, caplog):
+    directory = str(tmp_path / "c")
+    _two_steps(directory)
     _damage_latest(directory, 2)
     with caplog.at_level(logging.WARNING):
         state, meta = checkpoint.Checkpointer(directory).restore_latest(_state())
@@ -60,10 +64,7 @@ def test_damaged_latest_step_falls_back_to_previous(tmp_path, caplog):
 
 def test_unreadable_meta_falls_back_too(tmp_path, caplog):
     directory = str(tmp_path / "c")
-    ckpt = checkpoint.Checkpointer(directory)
-    ckpt.save(1, _state(1.0), {})
-    ckpt.save(2, _state(2.0), {})
-    ckpt.wait()
+    _two_steps(directory)
     for root, _, files in os.walk(os.path.join(directory, "2", "meta")):
         for name in files:
             with open(os.path.join(root, name), "w") as f:
