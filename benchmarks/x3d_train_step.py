@@ -26,7 +26,7 @@ from dmd_jax.references import pytorchvideo_create_x3d
 CASES = {
     # name: (model kwargs, batch, frames, crop)
     "demo edge 8x32x32": (dict(width_factor=0.5, depth_factor=1.0, head_dim=128), 32, 8, 32),
-    "demo teacher 8x32x32": (dict(width_factor=1.0, depth_factor=2.2, head_dim=512), 32, 8, 32),
+    "demo teacher 8x32x32": (dict(width_factor=1.5, depth_factor=1.0, head_dim=512), 32, 8, 32),
     "X3D-XS 4x160x160": (dict(width_factor=2.0, depth_factor=2.2, head_dim=2048), 8, 4, 160),
 }
 NUM_CLASSES = 12

@@ -68,6 +68,8 @@ def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
         checkpoint_every=200,
         keep_checkpoints=2,
     ))
+    if arg == "teacher":
+        config.train.update(steps=1200, eval_every=600)  # ~8x the parameters, 2x the steps
     if arg == "tiny":
         config.model.update(width_factor=0.25, depth_factor=0.5, head_dim=32)
         config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
