@@ -101,6 +101,13 @@ def fetch(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def gather_host_rows(tree: Any) -> Any:
+    """Host-local numpy rows -> the global rows, in host order, on every host."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def is_main_process() -> bool:
     """Only the first host writes summaries, logs and files other hosts would duplicate."""
     return jax.process_index() == 0

@@ -104,14 +104,14 @@ def evaluate(eval_fn, state: TrainState, split: pipeline.Split, batch_size: int,
     rows = parallel.host_slice(batch_size)
     logits, labels, ids = [], [], []
     for batch in pipeline.prefetch(pipeline.eval_batches(split, batch_size, rows)):
-        global_batch = parallel.to_global(batch, mesh)
-        out = parallel.fetch({"logits": eval_fn(state, global_batch["video"]),
-                              "label": global_batch["label"], "id": global_batch["id"],
-                              "mask": global_batch["mask"]})
-        keep = out["mask"].astype(bool)
-        logits.append(out["logits"][keep])
-        labels.append(out["label"][keep])
-        ids.append(out["id"][keep])
+        # Only the clips go to the devices; labels, ids and the mask stay on the host.
+        video = parallel.to_global(batch["video"], mesh)
+        batch_logits = parallel.fetch(eval_fn(state, video))
+        host = parallel.gather_host_rows({k: batch[k] for k in ("label", "id", "mask")})
+        keep = host["mask"].astype(bool)
+        logits.append(batch_logits[keep])
+        labels.append(host["label"][keep])
+        ids.append(host["id"][keep])
     return {"logits": np.concatenate(logits), "label": np.concatenate(labels),
             "id": np.concatenate(ids)}
 

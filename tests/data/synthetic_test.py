@@ -25,7 +25,7 @@ def test_clip_shape_and_dtype():
 def test_deterministic_per_clip_and_independent_of_chunking():
     whole = list(synthetic.generate(3, "test", 6, CFG))
     again = list(synthetic.generate(3, "test", 6, CFG))
-    for (i, a, la, _), (_, b, lb, _) in zip(whole, again):
+    for (_, a, la, _), (_, b, lb, _) in zip(whole, again):
         np.testing.assert_array_equal(a, b)
         assert la == lb
     # Clip 4 rendered on its own equals clip 4 of the sequence.
