@@ -1,0 +1,114 @@
+"""Deferral curves and their summaries: how well a router spends the cloud's compute.
+
+A *router* gives every clip an offload priority; at offload rate `r` the `round(r*n)`
+clips of highest priority go to the cloud and the rest keep the edge's answer. Clips
+with equal priority are offloaded in random order, and the curve is the *expected*
+accuracy over that order. So a router that scores every clip the same (`random`) has
+exactly the straight line from edge to cloud, and results never depend on how a sort
+happens to break ties. Metrics follow METHODS.md §1 (RouteLLM's AUC, APGR, CPT; the
+oracle gap).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+OFFLOAD_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def deferral_curve(priority: np.ndarray, edge_correct: np.ndarray, cloud_correct: np.ndarray,
+                   rates: np.ndarray = OFFLOAD_GRID) -> np.ndarray:
+    """System accuracy at each offload rate in `rates` (expected over ties)."""
+    priority = np.asarray(priority, np.float64)
+    gain = np.asarray(cloud_correct, np.float64) - np.asarray(edge_correct, np.float64)
+    n = len(gain)
+    # Group tied priorities, highest first; within a group every clip is equally likely
+    # to be offloaded, so each contributes the group's mean gain per offloaded clip.
+    levels, inverse = np.unique(-priority, return_inverse=True)
+    group_size = np.bincount(inverse, minlength=len(levels)).astype(np.float64)
+    group_gain = np.bincount(inverse, weights=gain, minlength=len(levels))
+    ends = np.cumsum(group_size)
+    starts = ends - group_size
+    gain_before = np.cumsum(group_gain) - group_gain
+    accuracy = []
+    for k in np.rint(np.asarray(rates) * n).astype(int):
+        g = np.searchsorted(ends, k, side="left")  # the group the k-th clip falls in
+        if k == 0:
+            total = 0.0
+        else:
+            total = gain_before[g] + group_gain[g] * (k - starts[g]) / group_size[g]
+        accuracy.append((np.sum(edge_correct) + total) / n)
+    return np.asarray(accuracy)
+
+
+def oracle_priority(edge_correct: np.ndarray, cloud_correct: np.ndarray) -> np.ndarray:
+    """Offloads first the clips the cloud fixes, last those it breaks."""
+    return np.asarray(cloud_correct, np.float64) - np.asarray(edge_correct, np.float64)
+
+
+def pgr(curve: np.ndarray, edge_accuracy: float, cloud_accuracy: float) -> np.ndarray:
+    """Performance gap recovered at each rate; NaN when edge and cloud are equally good."""
+    gap = cloud_accuracy - edge_accuracy
+    if abs(gap) < 1e-12:
+        return np.full_like(curve, np.nan)
+    return (curve - edge_accuracy) / gap
+
+
+def cpt(curve: np.ndarray, edge_accuracy: float, cloud_accuracy: float, target: float,
+        rates: np.ndarray = OFFLOAD_GRID) -> float:
+    """The smallest offload rate whose PGR reaches `target` (NaN if none does)."""
+    reached = np.nonzero(pgr(curve, edge_accuracy, cloud_accuracy) >= target - 1e-12)[0]
+    return float(rates[reached[0]]) if len(reached) else math.nan
+
+
+def summarize(curves: dict[str, np.ndarray], edge_accuracy: float,
+              cloud_accuracy: float) -> dict[str, dict[str, float]]:
+    """AUC, APGR, CPT(50/80/95) and oracle gap of every curve (needs `random`, `oracle`)."""
+    auc = {name: float(np.mean(c)) for name, c in curves.items()}
+    span = auc["oracle"] - auc["random"]
+    out = {}
+    for name, curve in curves.items():
+        out[name] = {
+            "auc": auc[name],
+            "apgr": float(np.mean(pgr(curve, edge_accuracy, cloud_accuracy))),
+            **{f"cpt_{p}": cpt(curve, edge_accuracy, cloud_accuracy, p / 100)
+               for p in (50, 80, 95)},
+            "oracle_gap": (auc[name] - auc["random"]) / span if span > 1e-12 else math.nan,
+        }
+    return out
+
+
+def threshold_for_rate(scores: np.ndarray, offload_rate: float) -> float:
+    """The `tau` offloading a fraction `offload_rate` of clips with `score < tau`."""
+    scores = np.sort(np.asarray(scores, np.float64))
+    k = int(round(offload_rate * len(scores)))
+    if k <= 0:
+        return -math.inf
+    if k >= len(scores):
+        return math.inf
+    return float((scores[k - 1] + scores[k]) / 2)
+
+
+def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties count one half); NaN if one class."""
+    scores = np.asarray(scores, np.float64)
+    positives = np.asarray(positives, bool)
+    n_pos, n_neg = positives.sum(), (~positives).sum()
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    # Mid-ranks: the average 1-based rank of each tied group.
+    mid_rank = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
+    return float((mid_rank[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def confidence_stats(logits: np.ndarray) -> dict[str, np.ndarray]:
+    """Max probability, entropy and top-2 margin of softmax(logits), per row (numpy)."""
+    logits = np.asarray(logits, np.float64)
+    z = logits - logits.max(-1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+    top2 = np.sort(p, -1)[:, -2:]
+    return {"max_prob": top2[:, 1], "entropy": -(p * np.log(np.clip(p, 1e-30, None))).sum(-1),
+            "margin": top2[:, 1] - top2[:, 0]}

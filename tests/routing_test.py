@@ -1,0 +1,98 @@
+"""Deferral-curve metrics against hand-computed examples (ties, all-right and all-wrong edges)."""
+
+import math
+
+import numpy as np
+import pytest
+
+from dmd_jax import routing
+
+RATES = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
+# Four clips: the edge is right on 0 and 1, the cloud on 0, 2 and 3.
+EDGE = np.array([1, 1, 0, 0])
+CLOUD = np.array([1, 0, 1, 1])
+
+
+def test_curve_follows_priority_order():
+    # Offload order 2, 3, 1, 0: fix two clips, then break one, then change nothing.
+    curve = routing.deferral_curve(np.array([0.1, 0.2, 0.9, 0.8]), EDGE, CLOUD, RATES)
+    np.testing.assert_allclose(curve, [0.5, 0.75, 1.0, 0.75, 0.75])
+
+
+def test_ties_give_the_expected_accuracy():
+    # Clips 1 and 2 tie at the top: offloading one of them gains (-1 + 1) / 2 = 0 on average.
+    curve = routing.deferral_curve(np.array([0.0, 0.5, 0.5, 0.2]), EDGE, CLOUD, RATES)
+    np.testing.assert_allclose(curve, [0.5, 0.5, 0.5, 0.75, 0.75])
+
+
+def test_constant_priority_is_the_straight_line():
+    rng = np.random.default_rng(0)
+    edge, cloud = rng.integers(0, 2, 200), rng.integers(0, 2, 200)
+    curve = routing.deferral_curve(np.zeros(200), edge, cloud)
+    np.testing.assert_allclose(
+        curve, edge.mean() + routing.OFFLOAD_GRID * (cloud.mean() - edge.mean()), atol=1e-12)
+
+
+def test_oracle_fixes_first_and_breaks_last():
+    curve = routing.deferral_curve(routing.oracle_priority(EDGE, CLOUD), EDGE, CLOUD, RATES)
+    np.testing.assert_allclose(curve, [0.5, 0.75, 1.0, 1.0, 0.75])
+
+
+def test_pgr_and_cpt():
+    curve = np.array([0.5, 0.6, 0.8, 0.9, 0.9])
+    np.testing.assert_allclose(routing.pgr(curve, 0.5, 0.9), [0, 0.25, 0.75, 1, 1])
+    assert routing.cpt(curve, 0.5, 0.9, 0.5, RATES) == 0.5
+    assert routing.cpt(curve, 0.5, 0.9, 0.95, RATES) == 0.75
+    assert math.isnan(routing.cpt(np.array([0.5] * 5), 0.5, 0.9, 0.5, RATES))
+
+
+def test_summary_of_random_and_oracle():
+    edge = np.tile([1, 0, 0, 1, 0, 1, 1, 0], 25)  # 200 clips: every grid rate is whole clips
+    cloud = np.tile([1, 1, 1, 0, 1, 1, 1, 0], 25)
+    curves = {"random": routing.deferral_curve(np.zeros(200), edge, cloud),
+              "oracle": routing.deferral_curve(routing.oracle_priority(edge, cloud), edge, cloud)}
+    summary = routing.summarize(curves, edge.mean(), cloud.mean())
+    assert summary["random"]["oracle_gap"] == 0.0 and summary["oracle"]["oracle_gap"] == 1.0
+    # The straight line from 0.5 to 0.75 averages to 0.625; its PGR averages to 0.5.
+    assert summary["random"]["auc"] == pytest.approx(0.625)
+    assert summary["random"]["apgr"] == pytest.approx(0.5)
+    assert summary["random"]["cpt_50"] == pytest.approx(0.5)
+    # PGR 0.95 needs 0.95 * 50 = 47.5 more right answers: the oracle's first 48 clips.
+    assert summary["oracle"]["cpt_95"] == pytest.approx(0.24)
+
+
+@pytest.mark.parametrize("edge_value", [0, 1])
+def test_all_right_or_all_wrong_edge(edge_value):
+    edge = np.full(10, edge_value)
+    cloud = np.array([1, 0] * 5)
+    curve = routing.deferral_curve(np.linspace(0, 1, 10), edge, cloud)
+    assert curve[0] == edge_value and curve[-1] == 0.5
+    summary = routing.summarize(
+        {"random": routing.deferral_curve(np.zeros(10), edge, cloud), "oracle": curve,
+         "router": curve}, edge.mean(), cloud.mean())
+    assert np.isfinite(summary["router"]["apgr"])
+
+
+def test_equal_edge_and_cloud_make_pgr_undefined_not_an_error():
+    curve = routing.deferral_curve(np.zeros(4), EDGE, EDGE, RATES)
+    assert np.all(np.isnan(routing.pgr(curve, 0.5, 0.5)))
+
+
+def test_threshold_offloads_the_target_fraction():
+    scores = np.random.default_rng(1).uniform(size=1000)
+    for rate in (0.0, 0.1, 0.35, 1.0):
+        assert np.mean(scores < routing.threshold_for_rate(scores, rate)) == pytest.approx(rate)
+
+
+def test_auroc_hand_computed_with_ties():
+    # Positive scores 0.8, 0.4; negatives 0.4, 0.1: pairs (0.8>0.4, 0.8>0.1, 0.4=0.4, 0.4>0.1).
+    assert routing.auroc(np.array([0.8, 0.4, 0.4, 0.1]), np.array([1, 1, 0, 0])) == 0.875
+    assert routing.auroc(np.array([0.1, 0.9]), np.array([1, 0])) == 0.0
+    assert math.isnan(routing.auroc(np.array([0.1, 0.9]), np.array([1, 1])))
+
+
+def test_confidence_stats():
+    stats = routing.confidence_stats(np.log(np.array([[0.7, 0.2, 0.1], [1 / 3] * 3])))
+    np.testing.assert_allclose(stats["max_prob"], [0.7, 1 / 3])
+    np.testing.assert_allclose(stats["margin"], [0.5, 0.0], atol=1e-12)
+    np.testing.assert_allclose(stats["entropy"][1], np.log(3))
