@@ -25,14 +25,14 @@ class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint that does not fit the model: resuming it would be wrong, not slow."""
 
 
-def _shapes(tree: Any) -> dict[str, list[int]]:
+def shapes(tree: Any) -> dict[str, list[int]]:
     flat = jax.tree_util.tree_flatten_with_path(tree)[0]
     return {jax.tree_util.keystr(path): list(np.shape(leaf)) for path, leaf in flat}
 
 
 def check_compatible(saved: dict[str, list[int]], target: Any, directory: str) -> None:
     """Raises one clear error naming the first parameter whose shape differs."""
-    wanted = _shapes(target)
+    wanted = shapes(target)
     missing = sorted(set(wanted) - set(saved))
     extra = sorted(set(saved) - set(wanted))
     if missing or extra:
@@ -58,7 +58,7 @@ class Checkpointer:
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        meta = {**meta, "step": int(step), "shapes": _shapes(state)}
+        meta = {**meta, "step": int(step), "shapes": shapes(state)}
         self._manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
 

@@ -27,7 +27,7 @@ CLASSES: tuple[str, ...] = (
 )
 # Bump when rendering changes: it is part of the prepared dataset's name, so stale
 # files are never reused.
-RENDERER_VERSION = 5
+RENDERER_VERSION = 6
 SPLIT_CODES = {"train": 0, "calibration": 1, "test": 2, "unlabelled": 3}
 _SHAPES = ("square", "triangle", "cross", "bar", "diamond")
 
@@ -57,6 +57,10 @@ class _Sprite:
     stripe_colour: np.ndarray  # (3,)
     stripe_freq: float
     marker_colour: np.ndarray  # (3,)
+    # The marker is a disc fixed to the sprite, off its centre, so turning is visible
+    # whatever the shape's symmetry: its distance from the centre and its radius, in radii.
+    marker_offset: float = 0.55
+    marker_radius: float = 0.38
 
 
 def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -119,9 +123,12 @@ def _actor(rng: np.random.Generator, label: int, t: np.ndarray, bg: np.ndarray,
     offset = np.zeros((len(t), 2))
     radius = np.full(len(t), radius0)
     angle = np.full(len(t), rng.uniform(0, 2 * np.pi))
-    # Total rotation: 31-39 degrees a frame at T=8, so the marker (no symmetry) moves
-    # ~2 pixels a frame; direction is unambiguous for any step below 180 degrees.
+    # Rotation is about a pivot beside the actor, which turns with it (like a moon): the
+    # actor sweeps 216-270 degrees of a circle, ~3 pixels a frame at 32x32 and T=8, so
+    # the direction of its motion turns one way or the other over the clip. (A turn in
+    # place moves a few pixels at most; X3D did not learn its direction in 600 steps.)
     spin = rng.uniform(1.2, 1.5) * np.pi
+    orbit = rng.uniform(0.14, 0.2)
 
     axis, sign = {"right": (0, 1), "left": (0, -1), "down": (1, 1), "up": (1, -1)}.get(
         name.split("_")[1] if name.startswith("move") else name.split("_")[0], (0, 0))
@@ -129,10 +136,12 @@ def _actor(rng: np.random.Generator, label: int, t: np.ndarray, bg: np.ndarray,
         offset[:, axis] = sign * travel * (t - 0.5)
     elif "_then_" in name:
         offset[:, axis] = sign * travel * (tri - 0.5)
-    elif name == "rotate_cw":
-        angle = angle + spin * t
-    elif name == "rotate_ccw":
-        angle = angle - spin * t
+    elif name.startswith("rotate"):
+        # Screen y points down, so a growing angle turns clockwise on screen.
+        turn = (1.0 if name == "rotate_cw" else -1.0) * spin * (t - 0.5)
+        phase = rng.uniform(0, 2 * np.pi) + turn
+        offset = orbit * np.stack([np.cos(phase), np.sin(phase)], axis=-1)
+        angle = angle + turn
     elif name in ("grow", "shrink"):
         ratio = rng.uniform(2.2, 2.8)
         exponent = (t - 0.5) if name == "grow" else (0.5 - t)
@@ -151,6 +160,7 @@ def _actor(rng: np.random.Generator, label: int, t: np.ndarray, bg: np.ndarray,
         stripe_freq=float(rng.choice([0.0, 3.0, 5.0])),
         # The marker shows which way the actor turns: it must stand out from the actor.
         marker_colour=_contrasting_colour(rng, colour, 0.5),
+        marker_offset=0.75, marker_radius=0.33,
     )
 
 
@@ -213,8 +223,14 @@ def _draw(frames: np.ndarray, sprite: _Sprite, cfg: RenderConfig) -> None:
 
     stripes = 0.5 + 0.5 * np.sin(u * sprite.stripe_freq * np.pi) if sprite.stripe_freq else 0.0
     colour = sprite.colour + (sprite.stripe_colour - sprite.colour) * np.asarray(stripes)[..., None]
-    marker = (np.hypot(u - 0.55, v) < 0.38)[..., None]
-    colour = np.where(marker, sprite.marker_colour, colour)
+    _composite(frames, alpha, colour)
+    # The marker is drawn over the body, not clipped by it: thin shapes would hide it.
+    marker_dist = np.hypot(u - sprite.marker_offset, v) / sprite.marker_radius
+    marker_alpha = np.clip((1.0 - marker_dist) * sprite.marker_radius * r * size + 0.5, 0.0, 1.0)
+    _composite(frames, marker_alpha[..., None], sprite.marker_colour)
+
+
+def _composite(frames: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:
     frames *= 1.0 - alpha
     frames += alpha * colour
 

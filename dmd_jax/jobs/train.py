@@ -6,9 +6,10 @@ over the whole global batch. The step's randomness is `fold_in(seed, step)` and 
 data is a pure function of the step (see `data.pipeline`), so a run resumed from any
 checkpoint finishes bit-identical to one that never stopped.
 
-Writes to the workdir: `checkpoints/`, TensorBoard events, `config.json`,
-`parameters.txt`, `predictions.npz` (per-clip logits on the eval split) and
-`summary.json` (`eval_accuracy`, `steps`, `examples_per_sec`, `param_fingerprint`).
+Writes to the workdir: `checkpoints/`, the final model in `model/` (the format every
+job loads, see `model_store`), TensorBoard events, `config.json`, `parameters.txt`,
+`predictions.npz` (per-clip logits on the eval split) and `summary.json`
+(`eval_accuracy`, `steps`, `examples_per_sec`, `param_fingerprint`).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 import optax
 from clu import metrics
 
-from dmd_jax import checkpoint, models, parallel, reporting
+from dmd_jax import checkpoint, model_store, models, parallel, reporting
 from dmd_jax.data import pipeline
 from dmd_jax.errors import UserError
 
@@ -184,6 +185,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             ckpt.save(step, state, {**data_meta, "examples_seen": step * cfg.batch_size})
     ckpt.wait()
 
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    model_store.save(os.path.join(workdir, "model"), config.model, train_split.class_names,
+                     variables, clip_shape, source=f"dmd_jax train job, step {cfg.steps}")
     predictions = evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh)
     reporting.save_npz(os.path.join(workdir, "predictions.npz"), **predictions)
     summary = {
@@ -192,8 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "steps": int(state.step),
         "examples_per_sec": progress.examples_per_sec,
         "compile_seconds": compile_seconds,
-        "param_fingerprint": reporting.fingerprint(
-            {"params": state.params, "batch_stats": state.batch_stats}),
+        "param_fingerprint": reporting.fingerprint(variables),
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
         "devices": parallel.describe(),
     }
