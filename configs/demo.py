@@ -1,11 +1,17 @@
 """The demo: the embedded synthetic action dataset, sized for 2 CPU cores.
 
-    python -m dmd_jax.main --config configs/demo.py --workdir runs/demo
-    python -m dmd_jax.main --config configs/demo.py:teacher --workdir runs/teacher
-    python -m dmd_jax.main --config configs/demo.py:tiny --workdir /tmp/t   # tests, smoke runs
+One stage at a time (each resumes if killed; the paths below are the defaults):
+
+    python -m dmd_jax.main --config configs/demo.py:edge --workdir runs/demo/edge
+    python -m dmd_jax.main --config configs/demo.py:teacher --workdir runs/demo/teacher
+    python -m dmd_jax.main --config configs/demo.py:label --workdir runs/demo/label
+    python -m dmd_jax.main --config configs/demo.py:switcher --workdir runs/demo/switcher
+    python -m dmd_jax.main --config configs/demo.py:hybrid --workdir runs/demo/hybrid
 
 Variants (`file.py:arg`): `edge` (default) trains the tiny X3D edge; `teacher` the ~8x
-larger X3D the hybrid system defers to; `tiny` a seconds-long run for smoke tests.
+larger X3D the hybrid system defers to (the cloud model); `label`, `switcher` and
+`hybrid` run the DMD stages on their outputs; `tiny` is a seconds-long `train` run for
+smoke tests (its data and models are tiny; set `job` to run another stage on it).
 """
 
 import ml_collections
@@ -42,11 +48,54 @@ def model_config(arch: dict) -> ml_collections.ConfigDict:
         dropout_rate=0.2, depthwise_impl="shifted", dtype="float32", **arch))
 
 
+VARIANTS = {"edge": "train", "teacher": "train", "label": "label",
+            "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "tiny": "train"}
+
+
+def dmd_config(runs: str) -> ml_collections.ConfigDict:
+    """The DMD stages: which models, where the labels and switchers go, the routers."""
+    return ml_collections.ConfigDict(dict(
+        edge=dict(path=f"{runs}/edge/model"),  # an exported or converted model directory
+        cloud=dict(path=f"{runs}/teacher/model"),
+        label=dict(
+            splits=("unlabelled", "calibration", "test"),
+            switcher_split="unlabelled",  # whose agreement rate summary.json reports
+            batch_size=128,
+            chunk_size=512,  # clips per file: the unit of resumption
+        ),
+        switcher=dict(
+            label_dir=f"{runs}/label",
+            targets=("hard", "ground_truth"),  # the first is the DMD switcher; 'soft' also works
+            train_split="unlabelled",
+            eval_split="calibration",
+            hidden=(128, 64),
+            dropout_rate=0.1,
+            steps=400,
+            batch_size=256,
+            learning_rate=3e-3,
+            weight_decay=1e-4,
+            class_balance=False,
+            log_every=100,
+            checkpoint_every=200,
+        ),
+        hybrid=dict(
+            label_dir=f"{runs}/label",
+            switcher_dir=f"{runs}/switcher",
+            switcher_target="hard",
+            calibration_split="calibration",
+            test_split="test",
+            target_offload=0.3,  # offload rate the threshold is calibrated to ...
+            gflops_budget=0.0,  # ... or, if > 0, the best accuracy within this many GFLOPs/clip
+            fusion=True,  # cloud-side fusion of cloud and edge log-probabilities
+        ),
+    ))
+
+
 def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
-    if arg not in ("edge", "teacher", "tiny"):
-        raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use edge, teacher or tiny")
-    config = ml_collections.ConfigDict()
-    config.job = "train"
+    if arg not in VARIANTS:
+        raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use one of {list(VARIANTS)}")
+    config = dmd_config("runs/demo")
+    config.job = VARIANTS[arg]
     config.seed = 0
     config.num_devices = 0  # 0: every device of every host
     config.data = data_config("tiny" if arg == "tiny" else "demo")
@@ -74,4 +123,6 @@ def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
         config.model.update(width_factor=0.25, depth_factor=0.5, head_dim=32)
         config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
                             batch_size=8, eval_batch_size=16, warmup_steps=1)
+        config.label.update(batch_size=8, chunk_size=16)
+        config.switcher.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
     return config

@@ -22,8 +22,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _jobs():
     """Job name -> run function. Imported here so `--help` stays fast."""
-    from dmd_jax.jobs import train
-    return {"train": train.run}
+    from dmd_jax.jobs import hybrid, label, switcher, train
+    return {"train": train.run, "label": label.run, "train_switcher": switcher.run,
+            "evaluate_hybrid": hybrid.run}
 
 
 def main(argv: list[str]) -> None:

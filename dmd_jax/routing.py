@@ -103,12 +103,3 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     mid_rank = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
     return float((mid_rank[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
-
-def confidence_stats(logits: np.ndarray) -> dict[str, np.ndarray]:
-    """Max probability, entropy and top-2 margin of softmax(logits), per row (numpy)."""
-    logits = np.asarray(logits, np.float64)
-    z = logits - logits.max(-1, keepdims=True)
-    p = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
-    top2 = np.sort(p, -1)[:, -2:]
-    return {"max_prob": top2[:, 1], "entropy": -(p * np.log(np.clip(p, 1e-30, None))).sum(-1),
-            "margin": top2[:, 1] - top2[:, 0]}

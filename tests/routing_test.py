@@ -90,9 +90,3 @@ def test_auroc_hand_computed_with_ties():
     assert routing.auroc(np.array([0.1, 0.9]), np.array([1, 0])) == 0.0
     assert math.isnan(routing.auroc(np.array([0.1, 0.9]), np.array([1, 1])))
 
-
-def test_confidence_stats():
-    stats = routing.confidence_stats(np.log(np.array([[0.7, 0.2, 0.1], [1 / 3] * 3])))
-    np.testing.assert_allclose(stats["max_prob"], [0.7, 1 / 3])
-    np.testing.assert_allclose(stats["margin"], [0.5, 0.0], atol=1e-12)
-    np.testing.assert_allclose(stats["entropy"][1], np.log(3))

@@ -122,14 +122,15 @@ def train_batches(split: Split, global_batch: int, start_step: int, seed: int,
         step += 1
 
 
-def eval_batches(split: Split, global_batch: int,
-                 rows: slice) -> Iterator[dict[str, np.ndarray]]:
-    """One pass in order; the last batch is padded, `mask` marks the real rows."""
-    n = len(split)
-    for start in range(0, n, global_batch):
-        positions = np.arange(start, start + global_batch)[rows]
-        mask = positions < n
-        batch = split.rows(np.minimum(positions, n - 1))
+def eval_batches(split: Split, global_batch: int, rows: slice, start: int = 0,
+                 stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over clips `start..stop` in order; the last batch is padded, `mask`
+    marks the real rows."""
+    stop = len(split) if stop is None else min(stop, len(split))
+    for first in range(start, stop, global_batch):
+        positions = np.arange(first, first + global_batch)[rows]
+        mask = positions < stop
+        batch = split.rows(np.minimum(positions, stop - 1))
         batch["mask"] = mask
         yield batch
 

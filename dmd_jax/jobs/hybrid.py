@@ -1,0 +1,221 @@
+"""The `evaluate_hybrid` job: calibrate the switcher, then compare every router.
+
+Reads the label job's calibration and test splits (edge features and logits, cloud
+logits, ground truth) and the trained switchers, then:
+
+1. tunes the cloud-side fusion weight and the switcher threshold on the *calibration*
+   split: to a target offload rate, or to the best accuracy under a GFLOPs budget;
+2. on the *test* split, sweeps every router of METHODS.md §1 over offload rates 0..1
+   (deferral curves) and summarises them (AUC, APGR, CPT, oracle gap);
+3. reports the operating point: realised offload rate, accuracy, GFLOPs per clip (XLA's
+   count for each compiled model) and upload bytes.
+
+Writes `summary.json`, `predictions.npz` (per test clip), `curves.npz`,
+`operating_point.json` (what `hybrid.HybridClassifier.from_dirs` needs),
+`deferral.png` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dmd_jax import flops, hybrid, model_store, reporting, routing
+from dmd_jax.data import pipeline
+from dmd_jax.jobs import label
+from dmd_jax.jobs import switcher as switcher_job
+from dmd_jax.models.switcher import confidence_stats
+
+FUSION_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    reporting.ensure_workdir(workdir)
+    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    cfg = config.hybrid
+    calibration = _with_switcher_scores(cfg, label.read_split(cfg.label_dir, cfg.calibration_split))
+    test = _with_switcher_scores(cfg, label.read_split(cfg.label_dir, cfg.test_split))
+    costs = _costs(config, test)
+
+    rate, weight, threshold = _calibrate(cfg, calibration, costs)
+    answers = _answers(test, weight)
+    offloaded = test["dmd_switcher"] < threshold
+    correct = np.where(offloaded, answers["cloud_side_correct"], answers["edge_correct"])
+    realised = float(offloaded.mean())
+    point = {
+        "target_offload": rate, "offload_rate": realised, "accuracy": float(correct.mean()),
+        "threshold": threshold, "fusion_weight": weight,
+        "gflops_per_clip": costs["edge"] + costs["switcher"] + realised * costs["cloud"],
+        "cloud_gflops_per_clip": costs["cloud"], "edge_gflops_per_clip": costs["edge"],
+        "switcher_gflops_per_clip": costs["switcher"],
+        "upload_bytes_per_clip": realised * costs["clip_bytes"],
+    }
+    point["compute_fraction_of_cloud"] = point["gflops_per_clip"] / costs["cloud"]
+
+    curves = {name: routing.deferral_curve(priority, answers["edge_correct"],
+                                           answers["cloud_side_correct"])
+              for name, priority in _priorities(test, answers).items()}
+    edge_accuracy = float(answers["edge_correct"].mean())
+    cloud_accuracy = float(answers["cloud_correct"].mean())
+    summary = {
+        "edge_accuracy": edge_accuracy, "cloud_accuracy": cloud_accuracy,
+        "cloud_fused_accuracy": float(answers["cloud_side_correct"].mean()),
+        "routers": routing.summarize(curves, edge_accuracy, cloud_accuracy),
+        "operating_point": point, "num_test_clips": int(len(test["id"])),
+        "calibration_split": cfg.calibration_split, "test_split": cfg.test_split,
+    }
+    reporting.save_npz(os.path.join(workdir, "predictions.npz"), id=test["id"],
+                       label=test["label"], offloaded=offloaded,
+                       prediction=np.where(offloaded, answers["cloud_side"], answers["edge"]),
+                       edge_prediction=answers["edge"], cloud_prediction=answers["cloud"],
+                       dmd_score=test["dmd_switcher"])
+    reporting.save_npz(os.path.join(workdir, "curves.npz"), rates=routing.OFFLOAD_GRID,
+                       **curves)
+    reporting.write_json(os.path.join(workdir, "operating_point.json"), point)
+    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    _plot(os.path.join(workdir, "deferral.png"), curves, costs, summary)
+    reporting.write_atomic(os.path.join(workdir, "report.md"), _markdown(summary))
+    reporting.log(_markdown(summary))
+    return summary
+
+
+def _with_switcher_scores(cfg: ml_collections.ConfigDict,
+                          data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Adds `dmd_switcher` (and `gt_switcher` where trained) P(aligned) per clip."""
+    out = dict(data)
+    for router, target in (("dmd_switcher", cfg.switcher_target), ("gt_switcher", "ground_truth")):
+        directory = os.path.join(cfg.switcher_dir, target, "switcher")
+        if router == "gt_switcher" and not os.path.exists(directory):
+            continue  # the ablation is optional
+        module, params, _ = switcher_job.load(directory)
+        out[router] = switcher_job.scores(module, params, data)
+    return out
+
+
+def _costs(config: ml_collections.ConfigDict, data: dict[str, np.ndarray]) -> dict[str, float]:
+    """GFLOPs per clip of each compiled model, and bytes per uploaded clip."""
+    result = {}
+    for role in ("edge", "cloud"):
+        model = model_store.load(config[role].path, role=role)
+        clip = jnp.zeros((1, *model.input_shape), jnp.uint8)
+        result[role] = flops.gflops(
+            lambda v, m=model: m.logits_and_features(pipeline.normalize(v))[0], clip)
+        result["clip_bytes"] = float(np.prod(model.input_shape))  # uint8 pixels
+    module, params, _ = switcher_job.load(
+        os.path.join(config.hybrid.switcher_dir, config.hybrid.switcher_target, "switcher"))
+    result["switcher"] = flops.gflops(
+        lambda f, l: module.apply({"params": params}, f, l),
+        jnp.asarray(data["edge_features"][:1]), jnp.asarray(data["edge_logits"][:1]))
+    return result
+
+
+def _answers(data: dict[str, np.ndarray], fusion_weight: float) -> dict[str, np.ndarray]:
+    """Edge, cloud and cloud-side (fused) predictions and their correctness."""
+    edge, cloud = data["edge_logits"].argmax(-1), data["cloud_logits"].argmax(-1)
+    cloud_side = hybrid.fuse(data["edge_logits"], data["cloud_logits"], fusion_weight)
+    y = data["label"]
+    return {"edge": edge, "cloud": cloud, "cloud_side": cloud_side,
+            "edge_correct": (edge == y).astype(np.float64),
+            "cloud_correct": (cloud == y).astype(np.float64),
+            "cloud_side_correct": (cloud_side == y).astype(np.float64)}
+
+
+def _priorities(data: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Each router's offload priority per clip: higher goes to the cloud first."""
+    stats = {k: np.asarray(v) for k, v in confidence_stats(jnp.asarray(data["edge_logits"])).items()}
+    priorities = {"dmd_switcher": -data["dmd_switcher"]}
+    if "gt_switcher" in data:
+        priorities["gt_switcher"] = -data["gt_switcher"]
+    priorities.update(
+        max_prob=-stats["max_prob"], entropy=stats["entropy"], margin=-stats["margin"],
+        random=np.zeros(len(data["id"])),
+        oracle=routing.oracle_priority(answers["edge_correct"], answers["cloud_side_correct"]))
+    return priorities
+
+
+def _calibrate(cfg: ml_collections.ConfigDict, data: dict[str, np.ndarray],
+               costs: dict[str, float]) -> tuple[float, float, float]:
+    """(offload rate, fusion weight, threshold), all chosen on the calibration split."""
+    max_rate = cfg.target_offload
+    if cfg.gflops_budget > 0:
+        spare = cfg.gflops_budget - costs["edge"] - costs["switcher"]
+        max_rate = float(np.clip(spare / costs["cloud"], 0.0, 1.0))
+    # Fusion: the weight whose cloud-side answer is best on the clips offloaded at max_rate.
+    weight = 1.0
+    if cfg.fusion:
+        offloaded = data["dmd_switcher"] < routing.threshold_for_rate(data["dmd_switcher"], max_rate)
+        if offloaded.any():
+            accuracy = [np.mean(_answers(data, w)["cloud_side_correct"][offloaded])
+                        for w in FUSION_GRID]
+            weight = float(FUSION_GRID[int(np.argmax(accuracy))])
+    rate = max_rate
+    if cfg.gflops_budget > 0:  # the best calibration accuracy at any rate within budget
+        answers = _answers(data, weight)
+        curve = routing.deferral_curve(-data["dmd_switcher"], answers["edge_correct"],
+                                       answers["cloud_side_correct"])
+        allowed = routing.OFFLOAD_GRID <= max_rate + 1e-12
+        rate = float(routing.OFFLOAD_GRID[allowed][np.argmax(curve[allowed])])
+    return rate, weight, routing.threshold_for_rate(data["dmd_switcher"], rate)
+
+
+def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
+          summary: dict[str, Any]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = routing.OFFLOAD_GRID
+    gflops = costs["edge"] + costs["switcher"] + rates * costs["cloud"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, curve in curves.items():
+        style = {"random": ":", "oracle": "--"}.get(name, "-")
+        width = 2.2 if name == "dmd_switcher" else 1.2
+        axes[0].plot(rates, curve, style, lw=width, label=name)
+        axes[1].plot(gflops, curve, style, lw=width, label=name)
+    point = summary["operating_point"]
+    for ax, x in ((axes[0], point["offload_rate"]), (axes[1], point["gflops_per_clip"])):
+        ax.axhline(summary["cloud_accuracy"], color="grey", lw=0.8, label="cloud_only")
+        ax.axhline(summary["edge_accuracy"], color="grey", lw=0.8, ls="-.", label="edge_only")
+        ax.plot([x], [point["accuracy"]], "k*", ms=12, label="operating point")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+    axes[0].set_xlabel("offload rate")
+    axes[1].set_xlabel("GFLOPs per clip")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _markdown(summary: dict[str, Any]) -> str:
+    point = summary["operating_point"]
+    lines = [
+        f"edge accuracy {summary['edge_accuracy']:.4f} · cloud accuracy "
+        f"{summary['cloud_accuracy']:.4f} · {summary['num_test_clips']} test clips",
+        "",
+        "| router | AUC | APGR | CPT(50%) | CPT(80%) | CPT(95%) | oracle gap |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, m in summary["routers"].items():
+        lines.append(f"| {name} | {m['auc']:.4f} | {m['apgr']:.3f} | {_pct(m['cpt_50'])} | "
+                     f"{_pct(m['cpt_80'])} | {_pct(m['cpt_95'])} | {m['oracle_gap']:.3f} |")
+    lines += [
+        "",
+        f"Operating point (calibrated on {summary['calibration_split']}): target offload "
+        f"{point['target_offload']:.2f}, realised {point['offload_rate']:.3f}; accuracy "
+        f"{point['accuracy']:.4f}; {point['gflops_per_clip']:.4f} GFLOPs per clip = "
+        f"{point['compute_fraction_of_cloud']:.1%} of the cloud alone "
+        f"({point['cloud_gflops_per_clip']:.4f}); fusion weight {point['fusion_weight']:.2f}; "
+        f"upload {point['upload_bytes_per_clip']:.0f} bytes per clip.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _pct(rate: float) -> str:
+    return "never" if np.isnan(rate) else f"{rate:.0%}"

@@ -1,0 +1,142 @@
+"""label -> train_switcher -> evaluate_hybrid on the tiny dataset, and the hybrid API."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dmd_jax import hybrid, routing
+from dmd_jax.data import pipeline
+from dmd_jax.jobs import hybrid as hybrid_job
+from dmd_jax.jobs import label, switcher, train
+
+
+@pytest.fixture(scope="module")
+def runs(data_dir, tmp_path_factory):
+    """A tiny edge and a (different) tiny cloud, then the three DMD stages."""
+    root = str(tmp_path_factory.mktemp("dmd"))
+
+    def config(**overrides):
+        base = {"edge.path": f"{root}/edge/model", "cloud.path": f"{root}/cloud/model",
+                "switcher.label_dir": f"{root}/label", "hybrid.label_dir": f"{root}/label",
+                "hybrid.switcher_dir": f"{root}/switcher", "train.eval_every": 100}
+        return tiny_config(data_dir, **{**base, **overrides})
+
+    train.run(config(), f"{root}/edge")
+    train.run(config(**{"model.width_factor": 0.5, "seed": 1, "train.steps": 8}), f"{root}/cloud")
+    summaries = {
+        "label": label.run(config(job="label"), f"{root}/label"),
+        "switcher": switcher.run(config(job="train_switcher"), f"{root}/switcher"),
+        "hybrid": hybrid_job.run(config(job="evaluate_hybrid"), f"{root}/hybrid"),
+    }
+    return root, summaries, config
+
+
+def test_label_outputs(runs):
+    root, summaries, _ = runs
+    assert summaries["label"]["num_labelled"] == 32
+    unlabelled = label.read_split(f"{root}/label", "unlabelled")
+    np.testing.assert_array_equal(unlabelled["id"], np.arange(32))
+    assert unlabelled["edge_features"].shape[0] == 32 and unlabelled["edge_logits"].shape == (32, 12)
+    agree = unlabelled["edge_logits"].argmax(-1) == unlabelled["cloud_logits"].argmax(-1)
+    np.testing.assert_array_equal(unlabelled["hard"], agree)
+    assert summaries["label"]["agreement_rate"] == pytest.approx(agree.mean())
+    assert np.all((unlabelled["soft"] >= 0) & (unlabelled["soft"] <= 1))
+    # The stored logits are the exported edge's logits on these clips.
+    clips = pipeline.Split(pipeline.make_builder(runs[2]().data), "unlabelled", 8, 32).rows(
+        np.arange(4))["video"]
+    from dmd_jax import model_store
+    edge = model_store.load(f"{root}/edge/model")
+    logits, _ = jax.jit(edge.logits_and_features)(pipeline.normalize(clips))
+    np.testing.assert_allclose(logits, unlabelled["edge_logits"][:4], rtol=1e-4, atol=1e-4)
+
+
+def test_targets_hand_computed():
+    outputs = {"edge_logits": np.log(np.array([[0.6, 0.4], [0.3, 0.7], [0.9, 0.1]])),
+               "cloud_logits": np.log(np.array([[0.8, 0.2], [0.9, 0.1], [0.5, 0.5 + 1e-9]])),
+               "label": np.array([0, 0, -1])}
+    t = label.targets(outputs)
+    np.testing.assert_array_equal(t["hard"], [1, 0, 0])
+    np.testing.assert_allclose(t["soft"], [0.8, 0.1, 0.5], atol=1e-6)
+    np.testing.assert_array_equal(t["ground_truth"], [1, 0, -1])
+
+
+def test_switcher_summary_and_exports(runs):
+    root, summaries, _ = runs
+    s = summaries["switcher"]
+    assert 0.0 <= s["switcher_auroc"] <= 1.0 or np.isnan(s["switcher_auroc"])
+    assert set(s["targets"]) == {"hard", "ground_truth"}
+    for target in ("hard", "ground_truth"):
+        module, params, saved_target = switcher.load(f"{root}/switcher/{target}/switcher")
+        assert saved_target == target
+    assert json.load(open(f"{root}/switcher/summary.json"))["target"] == "hard"
+
+
+def test_hybrid_summary_contract(runs):
+    root, summaries, _ = runs
+    s = summaries["hybrid"]
+    assert set(s["routers"]) == {"dmd_switcher", "gt_switcher", "max_prob", "entropy", "margin",
+                                 "random", "oracle"}
+    for metrics in s["routers"].values():
+        assert set(metrics) >= {"auc", "apgr", "cpt_50", "cpt_80", "oracle_gap"}
+    point = s["operating_point"]
+    for key in ("target_offload", "offload_rate", "accuracy", "gflops_per_clip",
+                "cloud_gflops_per_clip"):
+        assert key in point
+    assert point["cloud_gflops_per_clip"] > point["edge_gflops_per_clip"] > 0
+    assert point["gflops_per_clip"] == pytest.approx(
+        point["edge_gflops_per_clip"] + point["switcher_gflops_per_clip"]
+        + point["offload_rate"] * point["cloud_gflops_per_clip"])
+    # The oracle is never beaten; every file the job promises is there.
+    assert all(m["auc"] <= s["routers"]["oracle"]["auc"] + 1e-12 for m in s["routers"].values())
+    for name in ("summary.json", "predictions.npz", "curves.npz", "operating_point.json",
+                 "deferral.png", "report.md"):
+        assert os.path.getsize(f"{root}/hybrid/{name}") > 0
+    predictions = np.load(f"{root}/hybrid/predictions.npz")
+    assert np.mean(predictions["prediction"] == predictions["label"]) == pytest.approx(
+        point["accuracy"])
+
+
+def test_api_reproduces_the_evaluation(runs):
+    root, summaries, config = runs
+    system = hybrid.HybridClassifier.from_dirs(
+        f"{root}/edge/model", f"{root}/switcher/hard/switcher",
+        f"{root}/hybrid/operating_point.json", f"{root}/cloud/model")
+    split = pipeline.Split(pipeline.make_builder(config().data), "test", 8, 32)
+    batch = split.rows(np.arange(len(split)))
+    result = system(batch["video"])
+    saved = np.load(f"{root}/hybrid/predictions.npz")
+    np.testing.assert_array_equal(result.offloaded, saved["offloaded"])
+    np.testing.assert_array_equal(result.predictions, saved["prediction"])
+    point = summaries["hybrid"]["operating_point"]
+    assert result.gflops == pytest.approx(point["gflops_per_clip"] * len(split), rel=1e-3)
+    assert result.upload_bytes == result.offloaded.sum() * 8 * 32 * 32 * 3
+
+
+def test_api_sends_only_offloaded_clips_to_the_cloud(runs):
+    root, _, config = runs
+    seen = []
+
+    def cloud(clips):
+        seen.append(len(clips))
+        return np.zeros((len(clips), 12))
+
+    system = hybrid.HybridClassifier.from_dirs(
+        f"{root}/edge/model", f"{root}/switcher/hard/switcher",
+        f"{root}/hybrid/operating_point.json", f"{root}/cloud/model", cloud=cloud)
+    system.threshold = 2.0  # every clip offloaded
+    clips = pipeline.Split(pipeline.make_builder(config().data), "test", 8, 32).rows(
+        np.arange(5))["video"]
+    assert system(clips).offloaded.all() and seen == [5]
+    system.threshold = -1.0  # none
+    assert not system(clips).offloaded.any() and seen == [5]
+
+
+def test_label_refuses_labels_made_by_other_models(runs):
+    root, _, config = runs
+    from dmd_jax.errors import UserError
+    with pytest.raises(UserError, match="other models"):
+        label.run(config(job="label", **{"cloud.path": f"{root}/edge/model"}), f"{root}/label")
