@@ -49,7 +49,9 @@ def model_config(arch: dict) -> ml_collections.ConfigDict:
 
 
 VARIANTS = {"edge": "train", "teacher": "train", "label": "label",
-            "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "tiny": "train"}
+            "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "tiny": "train",
+            "pipeline": "pipeline", "tiny_pipeline": "pipeline"}
+PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid")
 
 
 def dmd_config(runs: str) -> ml_collections.ConfigDict:
@@ -94,11 +96,40 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
 def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use one of {list(VARIANTS)}")
+    if arg in ("pipeline", "tiny_pipeline"):
+        return pipeline_config(tiny=arg == "tiny_pipeline")
+    return stage_config(arg)
+
+
+def pipeline_config(tiny: bool) -> ml_collections.ConfigDict:
+    """The whole experiment: one stage config per step, sharing `data`, `seed` and devices.
+
+    Override a stage's setting with e.g. `--config.stages.teacher.train.steps=2000`; the
+    pipeline points each stage at the previous stages' outputs under its workdir.
+    """
+    config = ml_collections.ConfigDict()
+    config.job = "pipeline"
+    config.seed = 0
+    config.num_devices = 0
+    config.data = data_config("tiny" if tiny else "demo")
+    config.stage_order = PIPELINE_STAGES  # a ConfigDict iterates its keys sorted
+    config.stages = ml_collections.ConfigDict()
+    for stage in PIPELINE_STAGES:
+        stage_cfg = stage_config(stage, tiny)
+        for shared in ("data", "seed", "num_devices"):
+            del stage_cfg[shared]
+        config.stages[stage] = stage_cfg
+    return config
+
+
+def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
+    """The config of one job; `tiny` (or the `tiny` variant) shrinks data and models."""
+    tiny = tiny or arg == "tiny"
     config = dmd_config("runs/demo")
     config.job = VARIANTS[arg]
     config.seed = 0
     config.num_devices = 0  # 0: every device of every host
-    config.data = data_config("tiny" if arg == "tiny" else "demo")
+    config.data = data_config("tiny" if tiny else "demo")
     config.model = model_config(TEACHER if arg == "teacher" else EDGE)
 
     config.train = ml_collections.ConfigDict(dict(
@@ -119,8 +150,9 @@ def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
     ))
     if arg == "teacher":
         config.train.update(steps=1200, eval_every=600)  # ~8x the parameters, 2x the steps
-    if arg == "tiny":
-        config.model.update(width_factor=0.25, depth_factor=0.5, head_dim=32)
+    if tiny:
+        config.model.update(width_factor=0.5 if arg == "teacher" else 0.25, depth_factor=0.5,
+                            head_dim=32)
         config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
                             batch_size=8, eval_batch_size=16, warmup_steps=1)
         config.label.update(batch_size=8, chunk_size=16)

@@ -22,9 +22,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _jobs():
     """Job name -> run function. Imported here so `--help` stays fast."""
-    from dmd_jax.jobs import hybrid, label, switcher, train
-    return {"train": train.run, "label": label.run, "train_switcher": switcher.run,
-            "evaluate_hybrid": hybrid.run}
+    from dmd_jax.jobs import pipeline
+    return {**pipeline.JOBS, "pipeline": pipeline.run}
 
 
 def main(argv: list[str]) -> None:

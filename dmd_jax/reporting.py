@@ -49,8 +49,21 @@ def write_atomic(path: str, text: str) -> None:
 
 
 def write_json(path: str, data: Mapping[str, Any]) -> None:
+    """Strict JSON (NaN, e.g. an undefined PGR, is written as null), written atomically."""
     if parallel.is_main_process():
-        write_atomic(path, json.dumps(data, indent=2, sort_keys=True, default=_jsonable) + "\n")
+        text = json.dumps(_nan_to_none(data), indent=2, sort_keys=True, default=_jsonable,
+                          allow_nan=False)
+        write_atomic(path, text + "\n")
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+        return None
+    return x
 
 
 def save_npz(path: str, **arrays: np.ndarray) -> None:

@@ -25,9 +25,9 @@ from dmd_jax.config_utils import load_config  # noqa: E402
 from dmd_jax.data import pipeline  # noqa: E402
 
 
-def tiny_config(data_dir: str, **overrides):
-    """configs/demo.py:tiny on a given tfds data_dir, with dotted-key overrides."""
-    config = load_config(os.path.join(REPO, "configs", "demo.py") + ":tiny")
+def tiny_config(data_dir: str, variant: str = "tiny", **overrides):
+    """configs/demo.py:tiny (or another variant) on a tfds data_dir, with dotted-key overrides."""
+    config = load_config(os.path.join(REPO, "configs", "demo.py") + f":{variant}")
     config.data.data_dir = data_dir
     for key, value in overrides.items():
         node = config

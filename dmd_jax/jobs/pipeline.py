@@ -1,0 +1,65 @@
+"""The `pipeline` job: the whole experiment, stage after stage, in one workdir.
+
+    edge -> teacher -> label -> switcher -> hybrid      (config.stage_order)
+
+Each stage runs its own job on its own config (`config.stages.<name>`) in
+`WORKDIR/<name>/`, with the shared `data`, `seed` and `num_devices`, and with its inputs
+pointed at the earlier stages' outputs. Every job resumes, so the pipeline does too:
+started again after a kill, finished stages only re-check their results and the
+interrupted stage continues where it stopped. `WORKDIR/summary.json` gathers each
+stage's headline figures.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import ml_collections
+
+from dmd_jax import reporting
+from dmd_jax.jobs import hybrid, label, switcher, train
+
+JOBS = {"train": train.run, "label": label.run, "train_switcher": switcher.run,
+        "evaluate_hybrid": hybrid.run}
+HEADLINES = ("eval_accuracy", "steps", "examples_per_sec", "param_fingerprint", "num_labelled",
+             "agreement_rate", "switcher_auroc", "edge_accuracy", "cloud_accuracy",
+             "operating_point")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    reporting.ensure_workdir(workdir)
+    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    missing = [name for name in config.stage_order if name not in config.stages]
+    if missing:
+        raise ValueError(f"config.stage_order names stages {missing} that config.stages lacks; "
+                         f"it has {sorted(config.stages)}")
+    summary: dict[str, Any] = {"stages": {}}
+    for name in config.stage_order:
+        stage = stage_config(config, name, workdir)
+        reporting.log(f"[pipeline] stage {name}: job {stage.job} in {workdir}/{name}")
+        start = time.perf_counter()
+        result = JOBS[stage.job](stage, os.path.join(workdir, name))
+        summary["stages"][name] = {k: result[k] for k in HEADLINES if k in result}
+        summary["stages"][name]["seconds"] = time.perf_counter() - start
+    if "hybrid" in summary["stages"]:
+        summary.update(summary["stages"]["hybrid"])
+    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def stage_config(config: ml_collections.ConfigDict, name: str,
+                 workdir: str) -> ml_collections.ConfigDict:
+    """`config.stages[name]` with the shared settings and the earlier stages' paths."""
+    stage = ml_collections.ConfigDict(config.stages[name].to_dict())
+    stage.data = ml_collections.ConfigDict(config.data.to_dict())
+    stage.seed, stage.num_devices = config.seed, config.num_devices
+    if stage.job not in JOBS:
+        raise ValueError(f"config.stages.{name}.job={stage.job!r} is not a job; available: "
+                         f"{sorted(JOBS)}")
+    stage.edge.path = os.path.join(workdir, "edge", "model")
+    stage.cloud.path = os.path.join(workdir, "teacher", "model")
+    stage.switcher.label_dir = stage.hybrid.label_dir = os.path.join(workdir, "label")
+    stage.hybrid.switcher_dir = os.path.join(workdir, "switcher")
+    return stage
