@@ -50,3 +50,13 @@ def data_dir(tmp_path_factory) -> str:
 def devices():
     assert len(jax.devices()) == 8, "tests expect 8 fake CPU devices (see conftest.py)"
     return jax.devices()
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(data_dir, tmp_path_factory) -> str:
+    """The whole tiny pipeline (edge, teacher, label, switcher, hybrid), run once; its root."""
+    from dmd_jax.jobs import pipeline as pipeline_job
+
+    root = str(tmp_path_factory.mktemp("pipeline"))
+    pipeline_job.run(tiny_config(data_dir, "tiny_pipeline"), root)
+    return root

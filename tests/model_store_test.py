@@ -8,17 +8,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import tiny_config
 from dmd_jax import checkpoint, model_store
 from dmd_jax.data import pipeline
-from dmd_jax.jobs import train
 
 
 @pytest.fixture(scope="module")
-def trained(data_dir, tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("export"))
-    train.run(tiny_config(data_dir, **{"train.steps": 2, "train.eval_every": 100}), workdir)
-    return workdir
+def trained(tiny_pipeline):
+    """The workdir of a finished train job (the tiny pipeline's edge stage)."""
+    return os.path.join(tiny_pipeline, "edge")
 
 
 def test_export_reproduces_the_eval_logits(trained):

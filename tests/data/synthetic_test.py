@@ -47,7 +47,7 @@ def test_every_class_moves(label):
 
 
 @pytest.mark.parametrize("a,b", [("move_right", "move_left"), ("move_up", "move_down"),
-                                 ("grow", "shrink")])
+                                 ("grow", "shrink"), ("rotate_cw", "rotate_ccw")])
 def test_twin_classes_differ_only_in_frame_order(a, b):
     """Same actor, same scene: one class is the other played backwards."""
     for index in range(3):
@@ -70,3 +70,15 @@ def test_difficulty_varies_and_drives_clutter():
 def test_labels_cover_every_class():
     labels = {label for _, _, label, _ in synthetic.generate(0, "train", 200, CFG)}
     assert labels == set(range(len(synthetic.CLASSES)))
+
+
+def test_rotation_is_a_turn_about_a_pivot():
+    """The actor travels a curved path: its motion direction turns over the clip."""
+    clip = _render(synthetic.CLASSES.index("rotate_cw"), CLEAN, index=1).astype(np.float32)
+    changed = np.abs(np.diff(clip, axis=0)).sum(-1) > 30  # pixels that changed, per step
+    ys, xs = np.mgrid[0:32, 0:32]
+    centres = np.array([(xs[m].mean(), ys[m].mean()) for m in changed])
+    steps = np.diff(centres, axis=0)
+    # Screen y points down: clockwise means a positive cross product of successive steps.
+    cross = steps[:-1, 0] * steps[1:, 1] - steps[:-1, 1] * steps[1:, 0]
+    assert np.mean(cross > 0) > 0.7

@@ -11,14 +11,12 @@ from conftest import tiny_config
 from dmd_jax import hybrid, routing
 from dmd_jax.data import pipeline
 from dmd_jax.jobs import label, switcher
-from dmd_jax.jobs import pipeline as pipeline_job
 
 
 @pytest.fixture(scope="module")
-def runs(data_dir, tmp_path_factory):
+def runs(data_dir, tiny_pipeline):
     """The tiny pipeline: a tiny edge, a (wider) tiny cloud, then the three DMD stages."""
-    root = str(tmp_path_factory.mktemp("dmd"))
-    pipeline_job.run(tiny_config(data_dir, "tiny_pipeline"), root)
+    root = tiny_pipeline
     summaries = {name: json.load(open(f"{root}/{name}/summary.json"))
                  for name in ("label", "switcher", "hybrid")}
     summary = json.load(open(f"{root}/summary.json"))

@@ -8,16 +8,15 @@ import sys
 
 import numpy as np
 
-from conftest import REPO, tiny_config
-from dmd_jax.jobs import label, train
+from conftest import REPO
+from dmd_jax.jobs import label
 
 
-def test_sigkill_then_restart_labels_every_clip_once(data_dir, tmp_path):
+def test_sigkill_then_restart_labels_every_clip_once(data_dir, tiny_pipeline, tmp_path):
     root = str(tmp_path)
-    overrides = {"edge.path": f"{root}/edge/model", "cloud.path": f"{root}/edge/model",
-                 "train.steps": 2, "train.eval_every": 100,
-                 "label.batch_size": 8, "label.chunk_size": 8}
-    train.run(tiny_config(data_dir, **overrides), f"{root}/edge")
+    edge = f"{tiny_pipeline}/edge/model"
+    overrides = {"edge.path": edge, "cloud.path": edge, "label.batch_size": 8,
+                 "label.chunk_size": 8}
     command = [sys.executable, "-m", "dmd_jax.main", f"--config={REPO}/configs/demo.py:tiny",
                f"--workdir={root}/label", f"--config.data.data_dir={data_dir}",
                "--config.job=label", *(f"--config.{k}={v}" for k, v in overrides.items())]
