@@ -7,7 +7,7 @@ INSTALLED := $(VENV)/.installed
 .PHONY: demo test benchmark clean
 
 demo: $(INSTALLED)
-	$(BIN)/python -m dmd_jax.main --config configs/demo.py --workdir runs/demo
+	$(BIN)/python -m dmd_jax.main --config configs/demo.py:pipeline --workdir runs/demo
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q tests

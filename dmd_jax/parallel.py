@@ -108,6 +108,14 @@ def gather_host_rows(tree: Any) -> Any:
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def broadcast_from_main(value: Any) -> Any:
+    """The main host's `value` on every host: decisions that all hosts must share (e.g.
+    which work is left), taken where the files are written."""
+    if jax.process_count() == 1:
+        return value
+    return multihost_utils.broadcast_one_to_all(value)
+
+
 def is_main_process() -> bool:
     """Only the first host writes summaries, logs and files other hosts would duplicate."""
     return jax.process_index() == 0

@@ -51,3 +51,19 @@ def test_unwritable_workdir_is_one_line(tmp_path):
     out = _main("--config=configs/demo.py:tiny", f"--workdir={blocker / 'run'}")
     assert out.returncode == 1 and "not writable" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_missing_models_for_labelling_is_one_line(tmp_path):
+    out = _main("--config=configs/demo.py:label", f"--workdir={tmp_path / 'label'}",
+                f"--config.edge.path={tmp_path / 'nowhere'}")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no exported model" in out.stderr and "nowhere" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_missing_labels_for_the_hybrid_evaluation_is_one_line(tmp_path):
+    out = _main("--config=configs/demo.py:hybrid", f"--workdir={tmp_path / 'hybrid'}",
+                f"--config.hybrid.label_dir={tmp_path / 'nolabels'}")
+    assert out.returncode == 1, out.stderr[-2000:]
+    assert "no labels for split 'calibration'" in out.stderr and "label job" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -111,7 +111,9 @@ def _label_split(infer, split: pipeline.Split, cfg: ml_collections.ConfigDict, m
     if parallel.is_main_process():
         os.makedirs(out_dir, exist_ok=True)
     chunks = range(0, len(split), cfg.chunk_size)
-    todo = [start for start in chunks if not _chunk_done(out_dir, start, len(split), cfg)]
+    done = np.array([_chunk_done(out_dir, start, len(split), cfg) for start in chunks])
+    done = parallel.broadcast_from_main(done)  # every host must run the same batches
+    todo = [start for start, d in zip(chunks, done) if not d]
     if len(todo) < len(chunks):
         reporting.log(f"[label] {split.name}: {len(chunks) - len(todo)} of {len(chunks)} "
                       "chunks already on disk; labelling the rest")
