@@ -1,4 +1,4 @@
-"""`python -m dmd_jax.convert --family {x3d} --src PATH --out DIR [--frames N --size S]`.
+"""`python -m dmd_jax.convert --family {x3d,videomae} --src PATH --out DIR [--frames N --size S]`.
 
 Writes a model directory (`model.json` + orbax variables) that every job loads, e.g.
 `--config.cloud.path=DIR`. See `dmd_jax.convert` for what is read and how.
@@ -19,8 +19,11 @@ def main() -> None:
     parser.add_argument("--src", required=True,
                         help=".safetensors, .bin/.pt/.pth/.pyth, or a folder with config.json")
     parser.add_argument("--out", required=True, help="the model directory to write")
-    parser.add_argument("--frames", type=int, default=16, help="frames per clip the model sees")
-    parser.add_argument("--size", type=int, default=224, help="clip height and width")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per clip the model sees (default: the checkpoint config's "
+                             "num_frames, else 16)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="clip height and width (default: its image_size, else 224)")
     parser.add_argument("--class-names", default="",
                         help="a text file with one class name per line (default: the "
                              "checkpoint's id2label, else class_0, class_1, ...)")

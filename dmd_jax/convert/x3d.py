@@ -49,8 +49,11 @@ _WIDTHS = (2.0, *np.round(np.arange(0.1, 4.001, 0.05), 2))
 _DEPTHS = (2.2, 5.0, 1.0, *np.round(np.arange(0.1, 6.001, 0.1), 2))
 
 
-def model_config(state_dict: dict[str, np.ndarray]) -> tuple[ml_collections.ConfigDict, int]:
-    """`(config.model, num_classes)` of the X3D whose weights these are."""
+def model_config(state_dict: dict[str, np.ndarray],
+                 hf_config: dict | None = None) -> tuple[ml_collections.ConfigDict, int]:
+    """`(config.model, num_classes)` of the X3D whose weights these are (read from the
+    shapes: pytorchvideo checkpoints carry no config)."""
+    del hf_config
     try:
         num_classes, head_dim = state_dict["blocks.5.proj.weight"].shape
         stem_dim = state_dict["blocks.0.conv.conv_t.weight"].shape[0]

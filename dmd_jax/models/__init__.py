@@ -5,13 +5,28 @@ from __future__ import annotations
 import jax.numpy as jnp
 import ml_collections
 
+import flax.linen as nn
+
+from dmd_jax.models.videomae import VideoMAE
 from dmd_jax.models.x3d import X3D
 
 
-def build(model: ml_collections.ConfigDict, num_classes: int) -> X3D:
-    """The classifier `config.model` describes, with `num_classes` outputs."""
+def build(model: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """The classifier `config.model` describes, with `num_classes` outputs.
+
+    Every classifier maps normalised clips `(B, T, H, W, 3)` to `(logits, features)`.
+    """
+    if model.name == "videomae":
+        return VideoMAE(
+            num_classes=num_classes, patch_size=model.patch_size,
+            tubelet_size=model.tubelet_size, hidden_size=model.hidden_size,
+            num_layers=model.num_layers, num_heads=model.num_heads,
+            intermediate_size=model.intermediate_size, qv_bias=model.qv_bias,
+            use_mean_pooling=model.use_mean_pooling, layer_norm_eps=model.layer_norm_eps,
+            dtype=jnp.dtype(model.dtype))
     if model.name != "x3d":
-        raise ValueError(f"unknown config.model.name {model.name!r}; available: 'x3d'")
+        raise ValueError(f"unknown config.model.name {model.name!r}; available: 'x3d', "
+                         "'videomae'")
     return X3D(
         num_classes=num_classes,
         width_factor=model.width_factor,
