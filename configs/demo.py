@@ -147,6 +147,7 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
         eval_batch_size=128,
         checkpoint_every=200,
         keep_checkpoints=2,
+        init_from="",  # a model directory (exported or converted) to fine-tune from
     ))
     if arg == "teacher":
         config.train.update(steps=1200, eval_every=600)  # ~8x the parameters, 2x the steps

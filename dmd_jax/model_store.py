@@ -50,6 +50,7 @@ def save(directory: str, model_config: ml_collections.ConfigDict, class_names: t
          variables: dict[str, Any], input_shape: tuple[int, ...], source: str) -> None:
     """Writes `variables` and `model.json` to `directory` (replacing a previous export)."""
     directory = os.path.abspath(directory)
+    variables = {k: v for k, v in variables.items() if jax.tree.leaves(v)}  # no empty collections
     info_path = os.path.join(directory, "model.json")
     target = os.path.join(directory, "variables")
     if parallel.is_main_process():

@@ -67,7 +67,30 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
 def init_state(model, tx, clip_shape: tuple[int, ...], seed: int) -> TrainState:
     variables = model.init(jax.random.key(seed), jnp.zeros((1, *clip_shape), jnp.float32))
     return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+                      batch_stats=variables.get("batch_stats", {}),
+                      opt_state=tx.init(variables["params"]))
+
+
+def start_from(state: TrainState, pretrained: dict[str, Any]) -> tuple[TrainState, list[str]]:
+    """`state` with every parameter and statistic that `pretrained` has in the same shape;
+    the rest (a classifier for other classes) keeps its fresh initialisation. Returns the
+    new state and the names of the freshly initialised leaves."""
+    flat = {jax.tree_util.keystr(p): v
+            for p, v in jax.tree_util.tree_flatten_with_path(pretrained)[0]}
+    fresh: list[str] = []
+
+    def pick(collection):
+        def leaf(path, init):
+            name = f"['{collection}']" + jax.tree_util.keystr(path)
+            if name in flat and np.shape(flat[name]) == np.shape(init):
+                return jnp.asarray(flat[name], init.dtype)
+            fresh.append(name)
+            return init
+        return leaf
+
+    params = jax.tree_util.tree_map_with_path(pick("params"), state.params)
+    batch_stats = jax.tree_util.tree_map_with_path(pick("batch_stats"), state.batch_stats)
+    return state.replace(params=params, batch_stats=batch_stats), fresh
 
 
 def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
@@ -87,7 +110,8 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
     (loss, (logits, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     deltas, opt_state = tx.update(grads, state.opt_state, state.params)
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, deltas),
-                              batch_stats=updates["batch_stats"], opt_state=opt_state)
+                              batch_stats=updates.get("batch_stats", state.batch_stats),
+                              opt_state=opt_state)
     return new_state, TrainMetrics.single_from_model_output(
         loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
         grad_norm=optax.global_norm(grads))
@@ -128,13 +152,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     builder = pipeline.prepare(config.data)
     train_split = pipeline.Split(builder, "train", config.data.frames, config.data.size)
     eval_split = pipeline.Split(builder, cfg.eval_split, config.data.frames, config.data.size)
-    model = models.build(config.model, train_split.num_classes)
+    model_config, pretrained = config.model, None
+    if cfg.init_from:  # fine-tune an exported or converted model: its architecture comes along
+        pretrained = model_store.load(cfg.init_from, role="initialisation (train.init_from)")
+        model_config = pretrained.model_config
+    model = models.build(model_config, train_split.num_classes)
     tx = make_optimizer(cfg)
     clip_shape = (config.data.frames, config.data.size, config.data.size, 3)
 
     repl = parallel.replicated(mesh)
     state = jax.jit(functools.partial(init_state, model, tx, clip_shape, config.seed),
                     out_shardings=repl)()
+    if pretrained is not None:
+        state, fresh = start_from(state, pretrained.variables)
+        state = parallel.put_replicated(state, mesh)
+        reporting.log(f"[train] initialised from {cfg.init_from} ({pretrained.source}); "
+                      f"freshly initialised: {fresh or 'nothing'}")
     reporting.log(f"[train] {reporting.parameter_summary(state.params, workdir)}")
     reporting.log(f"[train] mesh {dict(mesh.shape)} on {parallel.describe()}; global batch "
                   f"{cfg.batch_size}; {len(train_split)} training clips, "
@@ -186,7 +219,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     ckpt.wait()
 
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    model_store.save(os.path.join(workdir, "model"), config.model, train_split.class_names,
+    model_store.save(os.path.join(workdir, "model"), model_config, train_split.class_names,
                      variables, clip_shape, source=f"dmd_jax train job, step {cfg.steps}")
     predictions = evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh)
     reporting.save_npz(os.path.join(workdir, "predictions.npz"), **predictions)
