@@ -2,22 +2,27 @@
 
 One module per model family holds its declarative key map (`RULES`, `IGNORE`) and reads
 the model's configuration from the checkpoint (`model_config`); `mapping` applies the
-rules, `reader` loads the files without running code from them.
+rules, `reader` loads the files without running code from them. X-CLIP becomes a
+zero-shot classifier: the class names' prompts are encoded once by its text tower.
 """
 
 from __future__ import annotations
 
+import os
 import types
 
 import jax
 import jax.numpy as jnp
 
-from dmd_jax import model_store, models
+from dmd_jax import model_store, models, text
 from dmd_jax.convert import mapping, reader
 from dmd_jax.convert import videomae as videomae_family
 from dmd_jax.convert import x3d as x3d_family
+from dmd_jax.convert import xclip as xclip_family
+from dmd_jax.models.xclip import XCLIP
 
-FAMILIES: dict[str, types.ModuleType] = {"x3d": x3d_family, "videomae": videomae_family}
+FAMILIES: dict[str, types.ModuleType] = {
+    "x3d": x3d_family, "videomae": videomae_family, "xclip": xclip_family}
 
 
 def convert(family: str, src: str, out: str, frames: int | None = None, size: int | None = None,
@@ -34,19 +39,38 @@ def convert(family: str, src: str, out: str, frames: int | None = None, size: in
     weights, hf_config = reader.find_checkpoint(src)
     state_dict = reader.read_state_dict(weights)
     model_config, num_classes = rules.model_config(state_dict, hf_config)
-    module = models.build(model_config, num_classes)
-    frames = frames or (hf_config or {}).get("num_frames", 16)
-    size = size or (hf_config or {}).get("image_size", 224)
-    input_shape = (frames, size, size, 3)
-    target = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
-    variables = mapping.convert(state_dict, dict(target), rules.RULES, rules.IGNORE)
+    vision = (hf_config or {}).get("vision_config", hf_config or {})
+    input_shape = (frames or vision.get("num_frames", 16), size or vision.get("image_size", 224),
+                   size or vision.get("image_size", 224), 3)
+    if num_classes is None:  # zero-shot: the classes are the user's
+        if not class_names:
+            raise mapping.ConversionError(f"a zero-shot {family} classifier needs the class "
+                                          "names: pass --class-names FILE (one per line)")
+        num_classes = len(class_names)
     names = class_names or _names_from_config(hf_config, num_classes)
     if len(names) != num_classes:
         raise mapping.ConversionError(f"{len(names)} class names given, but the checkpoint "
                                       f"has {num_classes} classes")
+
+    module = models.build(model_config, num_classes)
+    target = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
+    variables = {k: v for k, v in target.items() if k != "text"}
+    variables = mapping.convert(state_dict, variables, rules.RULES, rules.IGNORE)
+    if "text" in target:
+        tokenizer_dir = src if os.path.isdir(src) else os.path.dirname(src)
+        variables["text"] = {"embeds": class_text_embeddings(
+            module.xclip, variables["params"]["xclip"], text.load_tokenizer(tokenizer_dir),
+            names, model_config.prompt_template)}
     model_store.save(out, model_config, names, variables, input_shape,
                      source=f"converted from {src} ({family})")
     return model_store.load(out)
+
+
+def class_text_embeddings(xclip: XCLIP, params, tokenizer, class_names: tuple[str, ...],
+                          template: str) -> jnp.ndarray:
+    """The projected text embedding of each class's prompt, computed once."""
+    ids = text.tokenize(tokenizer, text.prompts(class_names, template), xclip.context_length)
+    return jax.jit(lambda p, i: xclip.apply({"params": p}, i, method=XCLIP.encode_text))(params, ids)
 
 
 def _names_from_config(hf_config: dict | None, num_classes: int) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""`python -m dmd_jax.convert --family {x3d,videomae} --src PATH --out DIR [--frames N --size S]`.
+"""`python -m dmd_jax.convert --family {x3d,videomae,xclip} --src PATH --out DIR [--frames N --size S]`.
 
 Writes a model directory (`model.json` + orbax variables) that every job loads, e.g.
 `--config.cloud.path=DIR`. See `dmd_jax.convert` for what is read and how.
@@ -26,7 +26,8 @@ def main() -> None:
                         help="clip height and width (default: its image_size, else 224)")
     parser.add_argument("--class-names", default="",
                         help="a text file with one class name per line (default: the "
-                             "checkpoint's id2label, else class_0, class_1, ...)")
+                             "checkpoint's id2label, else class_0, class_1, ...); required "
+                             "for xclip, whose zero-shot classes are these")
     args = parser.parse_args()
     names = None
     if args.class_names:

@@ -9,6 +9,7 @@ import flax.linen as nn
 
 from dmd_jax.models.videomae import VideoMAE
 from dmd_jax.models.x3d import X3D
+from dmd_jax.models.xclip import XCLIP, XCLIPZeroShot
 
 
 def build(model: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
@@ -24,9 +25,13 @@ def build(model: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
             intermediate_size=model.intermediate_size, qv_bias=model.qv_bias,
             use_mean_pooling=model.use_mean_pooling, layer_norm_eps=model.layer_norm_eps,
             dtype=jnp.dtype(model.dtype))
+    if model.name == "xclip":
+        fields = {k: model[k] for k in XCLIP.__dataclass_fields__ if k in model
+                  and k not in ("parent", "name", "dtype")}
+        return XCLIPZeroShot(num_classes, XCLIP(**fields, dtype=jnp.dtype(model.dtype)))
     if model.name != "x3d":
         raise ValueError(f"unknown config.model.name {model.name!r}; available: 'x3d', "
-                         "'videomae'")
+                         "'videomae', 'xclip'")
     return X3D(
         num_classes=num_classes,
         width_factor=model.width_factor,

@@ -1,0 +1,93 @@
+"""X-CLIP: converted zero-shot classifier == transformers' XCLIPModel.logits_per_video."""
+
+import json
+import string
+
+import jax
+import numpy as np
+import pytest
+
+from dmd_jax import convert, text
+from dmd_jax.convert import mapping
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+CLASSES = ("move_right", "grow", "rotate_cw")
+
+
+def _tiny_clip_tokenizer(directory) -> "transformers.CLIPTokenizer":
+    """A character-level CLIP BPE vocabulary (end-of-text has the largest id, as in CLIP)."""
+    chars = sorted(set(string.ascii_lowercase + "."))
+    vocab = {c: i for i, c in enumerate(chars)}
+    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    vocab.update({"<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1})
+    (directory / "vocab.json").write_text(json.dumps(vocab))
+    (directory / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = transformers.CLIPTokenizer(vocab=str(directory / "vocab.json"),
+                                           merges=str(directory / "merges.txt"))
+    tokenizer.save_pretrained(directory)  # writes tokenizer.json, what dmd_jax reads
+    return tokenizer
+
+
+def _reference(frames, image_size, patch_size, seed=0):
+    torch.manual_seed(seed)
+    config = transformers.XCLIPConfig(
+        text_config=dict(vocab_size=60, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=40),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=image_size, patch_size=patch_size,
+                           num_frames=frames, mit_hidden_size=24, mit_intermediate_size=48,
+                           mit_num_hidden_layers=1, mit_num_attention_heads=2),
+        projection_dim=24, prompt_layers=2, prompt_num_attention_heads=2)
+    model = transformers.XCLIPModel(config).eval()
+    with torch.no_grad():  # unit-scale weights: small initialisations hide errors
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, p[0].numel() ** -0.5)
+            elif name != "logit_scale":
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("frames,image_size,patch_size", [(4, 32, 8), (3, 24, 12)])
+def test_zero_shot_logits_match_logits_per_video(tmp_path, frames, image_size, patch_size):
+    reference = _reference(frames, image_size, patch_size)
+    reference.save_pretrained(tmp_path)
+    tokenizer = _tiny_clip_tokenizer(tmp_path)
+    model = convert.convert("xclip", str(tmp_path), str(tmp_path / "flax"), class_names=CLASSES)
+    assert model.class_names == CLASSES
+    assert model.input_shape == (frames, image_size, image_size, 3)
+
+    prompts = text.prompts(CLASSES, model.model_config.prompt_template)
+    ids = text.tokenize(text.load_tokenizer(str(tmp_path)), prompts, 40)
+    expected_ids = tokenizer(prompts, padding="max_length", max_length=40).input_ids
+    np.testing.assert_array_equal(ids, expected_ids)  # the same tokens as transformers
+
+    x = np.random.default_rng(0).normal(size=(2, frames, 3, image_size, image_size))
+    x = x.astype(np.float32)
+    with torch.no_grad():
+        expected = reference(input_ids=torch.from_numpy(ids.astype(np.int64)),
+                             pixel_values=torch.from_numpy(x)).logits_per_video.numpy()
+    logits, _ = jax.jit(model.logits_and_features)(np.transpose(x, (0, 1, 3, 4, 2)))
+    assert np.std(expected) > 0.05
+    assert np.max(np.abs(np.asarray(logits) - expected)) <= 1e-4
+
+
+def test_zero_shot_needs_class_names(tmp_path):
+    _reference(4, 32, 8).save_pretrained(tmp_path)
+    with pytest.raises(mapping.ConversionError, match="--class-names"):
+        convert.convert("xclip", str(tmp_path), str(tmp_path / "flax"))
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+    _reference(4, 32, 8).save_pretrained(tmp_path)
+    with pytest.raises(text.TokenizerNotFoundError, match="tokenizer.json"):
+        convert.convert("xclip", str(tmp_path), str(tmp_path / "flax"), class_names=CLASSES)
+
+
+def test_long_prompts_keep_their_end_of_text_token(tmp_path):
+    _tiny_clip_tokenizer(tmp_path)
+    ids = text.tokenize(text.load_tokenizer(str(tmp_path)), ["a" * 100, "b"], 16)
+    eot = max(json.loads((tmp_path / "vocab.json").read_text()).values())
+    assert ids.shape == (2, 16) and ids[0, -1] == eot and np.argmax(ids[1]) == 2
