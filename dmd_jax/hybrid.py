@@ -23,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax import flops, model_store
-from dmd_jax.data import pipeline
 from dmd_jax.models.switcher import Switcher
 
 CloudFn = Callable[[np.ndarray], np.ndarray]
@@ -47,7 +46,7 @@ def fuse(edge_logits: np.ndarray, cloud_logits: np.ndarray, weight: float) -> np
 
 def local_cloud(model: model_store.LoadedModel) -> CloudFn:
     """The cloud model run in this process: uint8 clips -> logits."""
-    forward = jax.jit(lambda video: model.logits_and_features(pipeline.normalize(video))[0])
+    forward = jax.jit(lambda video: model.classify(video)[0])
     return lambda clips: np.asarray(forward(clips))
 
 
@@ -61,7 +60,7 @@ class HybridClassifier:
         self.cloud, self.cloud_gflops_per_clip = cloud, cloud_gflops_per_clip
 
         def edge_and_switcher(video):
-            logits, features = edge.logits_and_features(pipeline.normalize(video))
+            logits, features = edge.classify(video)
             score = jax.nn.sigmoid(switcher.apply({"params": switcher_params}, features, logits))
             return logits, score
 
@@ -81,7 +80,7 @@ class HybridClassifier:
         with open(operating_point) as f:
             point = json.load(f)
         cloud_gflops = flops.gflops(
-            lambda v: cloud_model.logits_and_features(pipeline.normalize(v))[0],
+            lambda v: cloud_model.classify(v)[0],
             jnp.zeros((1, *cloud_model.input_shape), jnp.uint8))
         return cls(edge, module, params, point["threshold"], cloud or local_cloud(cloud_model),
                    cloud_gflops, point["fusion_weight"])

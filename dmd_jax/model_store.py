@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from dmd_jax import checkpoint, models, parallel, reporting
+from dmd_jax.data import pipeline
 from dmd_jax.errors import UserError
 
 
@@ -44,6 +45,11 @@ class LoadedModel:
     def logits_and_features(self, video: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Inference on normalised clips: `(logits, pooled features)`."""
         return self.module.apply(self.variables, video, train=False)
+
+    def classify(self, clips: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """Inference on uint8 clips, normalised with this model's own statistics."""
+        return self.logits_and_features(
+            pipeline.normalize(clips, *models.input_stats(self.model_config)))
 
 
 def save(directory: str, model_config: ml_collections.ConfigDict, class_names: tuple[str, ...],

@@ -8,6 +8,7 @@ zero-shot classifier: the class names' prompts are encoded once by its text towe
 
 from __future__ import annotations
 
+import json
 import os
 import types
 
@@ -39,6 +40,7 @@ def convert(family: str, src: str, out: str, frames: int | None = None, size: in
     weights, hf_config = reader.find_checkpoint(src)
     state_dict = reader.read_state_dict(weights)
     model_config, num_classes = rules.model_config(state_dict, hf_config)
+    model_config.input_mean, model_config.input_std = _input_stats(src, rules.INPUT_STATS)
     vision = (hf_config or {}).get("vision_config", hf_config or {})
     input_shape = (frames or vision.get("num_frames", 16), size or vision.get("image_size", 224),
                    size or vision.get("image_size", 224), 3)
@@ -71,6 +73,18 @@ def class_text_embeddings(xclip: XCLIP, params, tokenizer, class_names: tuple[st
     """The projected text embedding of each class's prompt, computed once."""
     ids = text.tokenize(tokenizer, text.prompts(class_names, template), xclip.context_length)
     return jax.jit(lambda p, i: xclip.apply({"params": p}, i, method=XCLIP.encode_text))(params, ids)
+
+
+def _input_stats(src: str, default: tuple) -> tuple:
+    """The checkpoint's own normalisation (preprocessor_config.json), else the family's."""
+    folder = src if os.path.isdir(src) else os.path.dirname(src)
+    path = os.path.join(folder, "preprocessor_config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            processor = json.load(f)
+        if "image_mean" in processor and "image_std" in processor:
+            return tuple(processor["image_mean"]), tuple(processor["image_std"])
+    return default
 
 
 def _names_from_config(hf_config: dict | None, num_classes: int) -> tuple[str, ...]:

@@ -37,6 +37,7 @@ RULES: tuple[Rule, ...] = (
     *dense("classifier", "classifier"),
 )
 IGNORE: tuple[str, ...] = ()
+INPUT_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))  # ImageNet, its processor's default
 
 
 def model_config(state_dict: dict[str, np.ndarray],

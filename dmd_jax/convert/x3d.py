@@ -43,6 +43,7 @@ RULES: tuple[Rule, ...] = (
     Rule(r"params/head_proj/bias", "blocks.5.proj.bias"),
 )
 IGNORE = (r".*num_batches_tracked",)
+INPUT_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))  # pytorchvideo's Kinetics recipe
 
 # The multipliers real checkpoints use come first: several depths give the same blocks.
 _WIDTHS = (2.0, *np.round(np.arange(0.1, 4.001, 0.05), 2))

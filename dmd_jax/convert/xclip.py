@@ -58,6 +58,7 @@ RULES: tuple[Rule, ...] = (
     Rule(rf"params/{_}logit_scale", "logit_scale"),
 )
 IGNORE = (r".*position_ids",)  # index buffers some checkpoints carry
+INPUT_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP
 
 
 def xclip_config(hf_config: dict[str, Any] | None) -> dict[str, Any]:

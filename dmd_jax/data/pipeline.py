@@ -148,7 +148,10 @@ def prefetch(batches: Iterable[Any], depth: int = 2) -> Iterator[Any]:
             yield batch
 
 
-def normalize(video: jnp.ndarray) -> jnp.ndarray:
-    """uint8 clips -> normalised float32 model input (done on the device, inside jit)."""
+def normalize(video: jnp.ndarray, mean: tuple[float, ...] = MEAN,
+              std: tuple[float, ...] = STD) -> jnp.ndarray:
+    """uint8 clips -> normalised float32 model input (done on the device, inside jit).
+
+    Each model family was trained with its own statistics (`models.input_stats`)."""
     x = video.astype(jnp.float32) / 255.0
-    return (x - jnp.asarray(MEAN)) / jnp.asarray(STD)
+    return (x - jnp.asarray(mean)) / jnp.asarray(std)

@@ -25,7 +25,6 @@ import ml_collections
 import numpy as np
 
 from dmd_jax import flops, hybrid, model_store, reporting, routing
-from dmd_jax.data import pipeline
 from dmd_jax.jobs import label
 from dmd_jax.jobs import switcher as switcher_job
 from dmd_jax.models.switcher import confidence_stats
@@ -103,7 +102,7 @@ def _costs(config: ml_collections.ConfigDict, data: dict[str, np.ndarray]) -> di
         model = model_store.load(config[role].path, role=role)
         clip = jnp.zeros((1, *model.input_shape), jnp.uint8)
         result[role] = flops.gflops(
-            lambda v, m=model: m.logits_and_features(pipeline.normalize(v))[0], clip)
+            lambda v, m=model: m.classify(v)[0], clip)
         result["clip_bytes"] = float(np.prod(model.input_shape))  # uint8 pixels
     module, params, _ = switcher_job.load(
         os.path.join(config.hybrid.switcher_dir, config.hybrid.switcher_target, "switcher"))

@@ -87,9 +87,8 @@ def _check_same_models(workdir: str, edge: model_store.LoadedModel,
 
 def _edge_and_cloud(edge: model_store.LoadedModel, cloud: model_store.LoadedModel,
                     video: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    x = pipeline.normalize(video)
-    edge_logits, edge_features = edge.logits_and_features(x)
-    cloud_logits, _ = cloud.logits_and_features(x)
+    edge_logits, edge_features = edge.classify(video)
+    cloud_logits, _ = cloud.classify(video)
     return {"edge_logits": edge_logits.astype(jnp.float32),
             "edge_features": edge_features.astype(jnp.float32),
             "cloud_logits": cloud_logits.astype(jnp.float32)}

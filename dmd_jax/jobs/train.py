@@ -94,10 +94,13 @@ def start_from(state: TrainState, pretrained: dict[str, Any]) -> tuple[TrainStat
 
 
 def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
-               label_smoothing: float, seed: int) -> tuple[TrainState, metrics.Collection]:
-    """One optimiser step on a (global) batch; pure, so jit may shard it however."""
+               label_smoothing: float, seed: int,
+               stats: tuple = (pipeline.MEAN, pipeline.STD)) -> tuple[TrainState, metrics.Collection]:
+    """One optimiser step on a (global) batch; pure, so jit may shard it however.
+
+    `stats`: the input normalisation (mean, std) of the model family."""
     dropout_key = jax.random.fold_in(jax.random.key(seed + 1), state.step)
-    x = pipeline.normalize(batch["video"])
+    x = pipeline.normalize(batch["video"], *stats)
     targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], model.num_classes),
                                   label_smoothing)
 
@@ -117,9 +120,10 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
         grad_norm=optax.global_norm(grads))
 
 
-def eval_logits(state: TrainState, video: jnp.ndarray, *, model) -> jnp.ndarray:
+def eval_logits(state: TrainState, video: jnp.ndarray, *, model,
+                stats: tuple = (pipeline.MEAN, pipeline.STD)) -> jnp.ndarray:
     (logits, _) = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                              pipeline.normalize(video), train=False)
+                              pipeline.normalize(video, *stats), train=False)
     return logits
 
 
@@ -179,10 +183,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, label_smoothing=cfg.label_smoothing,
-                          seed=config.seed),
+                          seed=config.seed, stats=models.input_stats(model_config)),
         in_shardings=(repl, parallel.batch_sharded(mesh)), out_shardings=(repl, repl),
         donate_argnums=0)
-    eval_fn = jax.jit(functools.partial(eval_logits, model=model),
+    eval_fn = jax.jit(functools.partial(eval_logits, model=model,
+                                        stats=models.input_stats(model_config)),
                       in_shardings=(repl, parallel.batch_sharded(mesh)),
                       out_shardings=parallel.batch_sharded(mesh))
 

@@ -12,6 +12,15 @@ from dmd_jax.models.x3d import X3D
 from dmd_jax.models.xclip import XCLIP, XCLIPZeroShot
 
 
+def input_stats(model: ml_collections.ConfigDict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std the model's inputs are normalised with (`input_mean`,
+    `input_std` in its config; Kinetics statistics, X3D's, when absent)."""
+    from dmd_jax.data import pipeline
+
+    return (tuple(model.get("input_mean", pipeline.MEAN)),
+            tuple(model.get("input_std", pipeline.STD)))
+
+
 def build(model: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
     """The classifier `config.model` describes, with `num_classes` outputs.
 

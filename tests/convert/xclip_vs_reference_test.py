@@ -91,3 +91,19 @@ def test_long_prompts_keep_their_end_of_text_token(tmp_path):
     ids = text.tokenize(text.load_tokenizer(str(tmp_path)), ["a" * 100, "b"], 16)
     eot = max(json.loads((tmp_path / "vocab.json").read_text()).values())
     assert ids.shape == (2, 16) and ids[0, -1] == eot and np.argmax(ids[1]) == 2
+
+
+def test_inputs_are_normalised_with_the_checkpoints_statistics(tmp_path):
+    _reference(4, 32, 8).save_pretrained(tmp_path)
+    _tiny_clip_tokenizer(tmp_path)
+    model = convert.convert("xclip", str(tmp_path), str(tmp_path / "clip"), class_names=CLASSES)
+    assert tuple(model.model_config.input_mean) == convert.xclip_family.INPUT_STATS[0]  # CLIP
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.4, 0.3], "image_std": [0.2, 0.25, 0.3]}))
+    model = convert.convert("xclip", str(tmp_path), str(tmp_path / "own"), class_names=CLASSES)
+    assert tuple(model.model_config.input_mean) == (0.5, 0.4, 0.3)
+    clips = np.random.default_rng(1).integers(0, 256, (1, 4, 32, 32, 3), dtype=np.uint8)
+    manual = (clips / 255.0 - np.array([0.5, 0.4, 0.3])) / np.array([0.2, 0.25, 0.3])
+    np.testing.assert_allclose(jax.jit(model.classify)(clips)[0],
+                               jax.jit(model.logits_and_features)(manual.astype(np.float32))[0],
+                               rtol=1e-5, atol=1e-5)
