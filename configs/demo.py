@@ -134,7 +134,7 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
 
     config.train = ml_collections.ConfigDict(dict(
         batch_size=32,  # global, over all devices and hosts
-        steps=800,
+        steps=600,
         optimizer="adamw",  # 'adamw' or 'sgd'
         learning_rate=3e-3,
         warmup_steps=60,
@@ -142,7 +142,7 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
         momentum=0.9,  # sgd only
         label_smoothing=0.0,
         log_every=50,
-        eval_every=400,
+        eval_every=300,
         eval_split="test",
         eval_batch_size=128,
         checkpoint_every=200,

@@ -137,3 +137,14 @@ def test_label_refuses_labels_made_by_other_models(runs):
     from dmd_jax.errors import UserError
     with pytest.raises(UserError, match="other models"):
         label.run(config(job="label", **{"cloud.path": f"{root}/edge/model"}), f"{root}/label")
+
+
+def test_gflops_budget_calibration(runs, tmp_path):
+    root, summaries, config = runs
+    point = summaries["hybrid"]["operating_point"]
+    budget = (point["edge_gflops_per_clip"] + point["switcher_gflops_per_clip"]
+              + 0.25 * point["cloud_gflops_per_clip"])
+    from dmd_jax.jobs import hybrid as hybrid_job
+    summary = hybrid_job.run(config(job="evaluate_hybrid", **{"hybrid.gflops_budget": budget}),
+                             str(tmp_path))
+    assert summary["operating_point"]["target_offload"] <= 0.25 + 1e-9
