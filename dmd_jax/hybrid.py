@@ -71,11 +71,16 @@ class HybridClassifier:
     @classmethod
     def from_dirs(cls, edge_dir: str, switcher_dir: str, operating_point: str,
                   cloud_dir: str, cloud: CloudFn | None = None) -> "HybridClassifier":
-        """Builds the system that `evaluate_hybrid` calibrated (`operating_point.json`)."""
+        """Builds the system that `evaluate_hybrid` calibrated (`operating_point.json`).
+
+        A zero-shot cloud (X-CLIP) is prompted with the edge's class names."""
         from dmd_jax.jobs import switcher as switcher_job  # jobs import this module
 
         edge = model_store.load(edge_dir, role="edge")
         cloud_model = model_store.load(cloud_dir, role="cloud")
+        if cloud_model.model_config.name == "xclip" and cloud_model.class_names != edge.class_names:
+            from dmd_jax import convert
+            cloud_model = convert.with_classes(cloud_model, edge.class_names, cloud_dir)
         module, params, _ = switcher_job.load(switcher_dir)
         with open(operating_point) as f:
             point = json.load(f)

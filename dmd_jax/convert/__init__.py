@@ -8,8 +8,10 @@ zero-shot classifier: the class names' prompts are encoded once by its text towe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import types
 
 import jax
@@ -65,7 +67,27 @@ def convert(family: str, src: str, out: str, frames: int | None = None, size: in
             names, model_config.prompt_template)}
     model_store.save(out, model_config, names, variables, input_shape,
                      source=f"converted from {src} ({family})")
+    if "text" in target:  # kept with the model, so its classes can be changed later
+        shutil.copy(os.path.join(tokenizer_dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
     return model_store.load(out)
+
+
+def with_classes(model: model_store.LoadedModel, class_names: tuple[str, ...],
+                 directory: str) -> model_store.LoadedModel:
+    """A zero-shot model (X-CLIP) re-prompted for `class_names`, e.g. a dataset's classes.
+
+    `directory` is the model directory `model` was loaded from (its tokenizer is there)."""
+    if model.model_config.name != "xclip":
+        raise mapping.ConversionError(
+            f"only zero-shot models can take new class names; {model.source} is a "
+            f"{model.model_config.name} classifier: fine-tune it (train.init_from) instead")
+    xclip = model.module.xclip
+    embeds = class_text_embeddings(xclip, model.variables["params"]["xclip"],
+                                   text.load_tokenizer(directory), class_names,
+                                   model.model_config.prompt_template)
+    module = models.build(model.model_config, len(class_names))
+    variables = {**model.variables, "text": {"embeds": embeds}}
+    return dataclasses.replace(model, module=module, variables=variables, class_names=class_names)
 
 
 def class_text_embeddings(xclip: XCLIP, params, tokenizer, class_names: tuple[str, ...],

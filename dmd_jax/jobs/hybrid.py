@@ -25,6 +25,7 @@ import ml_collections
 import numpy as np
 
 from dmd_jax import flops, hybrid, model_store, reporting, routing
+from dmd_jax.data import pipeline
 from dmd_jax.jobs import label
 from dmd_jax.jobs import switcher as switcher_job
 from dmd_jax.models.switcher import confidence_stats
@@ -100,6 +101,9 @@ def _costs(config: ml_collections.ConfigDict, data: dict[str, np.ndarray]) -> di
     result = {}
     for role in ("edge", "cloud"):
         model = model_store.load(config[role].path, role=role)
+        if role == "cloud":  # a zero-shot cloud is prompted with the dataset's classes
+            model = label.zero_shot_for(model, config.cloud.path,
+                                        pipeline.make_builder(config.data))
         clip = jnp.zeros((1, *model.input_shape), jnp.uint8)
         result[role] = flops.gflops(
             lambda v, m=model: m.classify(v)[0], clip)

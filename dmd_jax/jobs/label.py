@@ -50,8 +50,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     edge = model_store.load(config.edge.path, role="edge")
     cloud = model_store.load(config.cloud.path, role="cloud")
-    _check_same_models(workdir, edge, cloud, config.data)
     builder = pipeline.prepare(config.data)
+    cloud = zero_shot_for(cloud, config.cloud.path, builder)
+    _check_same_models(workdir, edge, cloud, config.data)
     infer = jax.jit(functools.partial(_edge_and_cloud, edge, cloud),
                     in_shardings=parallel.batch_sharded(mesh),
                     out_shardings=parallel.batch_sharded(mesh))
@@ -66,6 +67,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary.update(num_labelled=main["num_clips"], agreement_rate=main["agreement_rate"])
     reporting.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+def zero_shot_for(model: model_store.LoadedModel, directory: str,
+                  builder) -> model_store.LoadedModel:
+    """A zero-shot cloud (X-CLIP) answers over the dataset's own class names."""
+    names = tuple(builder.info.features["label"].names)
+    if model.model_config.name != "xclip" or model.class_names == names:
+        return model
+    from dmd_jax import convert  # only zero-shot clouds need the text tower's tools
+
+    reporting.log(f"[label] zero-shot cloud: prompting it with the dataset's {len(names)} "
+                  "class names")
+    return convert.with_classes(model, names, directory)
 
 
 def _check_same_models(workdir: str, edge: model_store.LoadedModel,

@@ -107,3 +107,32 @@ def test_inputs_are_normalised_with_the_checkpoints_statistics(tmp_path):
     np.testing.assert_allclose(jax.jit(model.classify)(clips)[0],
                                jax.jit(model.logits_and_features)(manual.astype(np.float32))[0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_new_class_names_equal_a_fresh_conversion(tmp_path):
+    _reference(4, 32, 8).save_pretrained(tmp_path)
+    _tiny_clip_tokenizer(tmp_path)
+    first = convert.convert("xclip", str(tmp_path), str(tmp_path / "a"), class_names=CLASSES)
+    other = ("shrink", "move_left")
+    renamed = convert.with_classes(first, other, str(tmp_path / "a"))
+    fresh = convert.convert("xclip", str(tmp_path), str(tmp_path / "b"), class_names=other)
+    clips = np.random.default_rng(2).integers(0, 256, (2, 4, 32, 32, 3), dtype=np.uint8)
+    np.testing.assert_allclose(jax.jit(renamed.classify)(clips)[0],
+                               jax.jit(fresh.classify)(clips)[0], rtol=1e-5, atol=1e-5)
+    assert renamed.class_names == other
+
+
+def test_label_job_with_a_zero_shot_cloud(tmp_path, data_dir, tiny_pipeline):
+    """X-CLIP as the cloud: prompted with the dataset's class names, no training."""
+    from conftest import tiny_config
+    from dmd_jax.jobs import label
+
+    _reference(8, 32, 8).save_pretrained(tmp_path)  # the tiny dataset's 8 x 32 x 32 clips
+    _tiny_clip_tokenizer(tmp_path)
+    convert.convert("xclip", str(tmp_path), str(tmp_path / "xclip"), class_names=CLASSES)
+    summary = label.run(tiny_config(data_dir, job="label", **{
+        "edge.path": f"{tiny_pipeline}/edge/model", "cloud.path": str(tmp_path / "xclip"),
+        "label.splits": ("test",)}), str(tmp_path / "label"))
+    labels = label.read_split(str(tmp_path / "label"), "test")
+    assert labels["cloud_logits"].shape == (32, 12)  # the dataset's 12 classes, not CLASSES
+    assert summary["splits"]["test"]["num_clips"] == 32
