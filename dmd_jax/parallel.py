@@ -116,6 +116,12 @@ def broadcast_from_main(value: Any) -> Any:
     return multihost_utils.broadcast_one_to_all(value)
 
 
+def barrier(name: str) -> None:
+    """Waits until every host reaches this point (a no-op on one host)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
     """Only the first host writes summaries, logs and files other hosts would duplicate."""
     return jax.process_index() == 0

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
+from dmd_jax import parallel
 from dmd_jax.data import builders, synthetic
 from dmd_jax.errors import UserError
 
@@ -54,6 +55,9 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Returns a prepared builder; generates it first when `data.prepare` allows."""
     builder = make_builder(data)
+    if not parallel.is_main_process():  # one host writes the files; the others wait for them
+        parallel.barrier("dataset prepared")
+        return make_builder(data)
     if not builder.is_prepared():
         if not data.prepare:
             raise DatasetNotPreparedError(
@@ -63,6 +67,7 @@ def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         print(f"Preparing dataset {builder.name}/{builder.builder_config.name} in "
               f"{builder.data_dir_root} (once) ...", flush=True)
         builder.download_and_prepare()
+    parallel.barrier("dataset prepared")
     return builder
 
 

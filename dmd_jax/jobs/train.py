@@ -15,6 +15,7 @@ job loads, see `model_store`), TensorBoard events, `config.json`, `parameters.tx
 from __future__ import annotations
 
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -238,6 +239,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "num_params": int(sum(np.size(x) for x in jax.tree.leaves(state.params))),
         "devices": parallel.describe(),
     }
+    if start_step == cfg.steps:  # nothing trained now: keep the throughput of the real run
+        summary.update(_previous_throughput(workdir))
     writer.scalars(cfg.steps, {f"eval/{cfg.eval_split}_accuracy": summary["eval_accuracy"]})
     writer.close()
     ckpt.close()
@@ -277,6 +280,15 @@ def _check_finite(values: dict[str, Any], step: int, ckpt: checkpoint.Checkpoint
             f"and {kept}. Lower config.train.learning_rate (now {learning_rate}) or check "
             "the input data.")
     return values
+
+
+def _previous_throughput(workdir: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(workdir, "summary.json")) as f:
+            previous = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {k: previous[k] for k in ("examples_per_sec", "compile_seconds") if k in previous}
 
 
 def _accuracy(predictions: dict[str, np.ndarray]) -> float:

@@ -42,6 +42,7 @@ def test_rerun_of_a_finished_job_changes_nothing(finished_run, data_dir):
     again = train.run(tiny_config(data_dir), workdir)
     assert again["param_fingerprint"] == summary["param_fingerprint"]
     assert again["eval_accuracy"] == summary["eval_accuracy"]
+    assert again["examples_per_sec"] == summary["examples_per_sec"] > 0  # not clobbered
 
 
 def _loss_trajectory(config, mesh, steps: int) -> list[float]:
