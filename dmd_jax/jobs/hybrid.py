@@ -78,8 +78,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     reporting.write_json(os.path.join(workdir, "operating_point.json"), point)
     reporting.write_json(os.path.join(workdir, "summary.json"), summary)
     _plot(os.path.join(workdir, "deferral.png"), curves, costs, summary)
-    reporting.write_atomic(os.path.join(workdir, "report.md"), _markdown(summary))
-    reporting.log(_markdown(summary))
+    reporting.write_atomic(os.path.join(workdir, "report.md"), markdown(summary))
+    reporting.log(markdown(summary))
     return summary
 
 
@@ -196,7 +196,8 @@ def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
     os.replace(tmp, path)
 
 
-def _markdown(summary: dict[str, Any]) -> str:
+def markdown(summary: dict[str, Any]) -> str:
+    """The router table and the operating point, as markdown."""
     point = summary["operating_point"]
     lines = [
         f"edge accuracy {summary['edge_accuracy']:.4f} · cloud accuracy "
@@ -206,8 +207,9 @@ def _markdown(summary: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for name, m in summary["routers"].items():
-        lines.append(f"| {name} | {m['auc']:.4f} | {m['apgr']:.3f} | {_pct(m['cpt_50'])} | "
-                     f"{_pct(m['cpt_80'])} | {_pct(m['cpt_95'])} | {m['oracle_gap']:.3f} |")
+        lines.append(f"| {name} | {m['auc']:.4f} | {_num(m['apgr'], '.3f')} | "
+                     f"{_pct(m['cpt_50'])} | {_pct(m['cpt_80'])} | {_pct(m['cpt_95'])} | "
+                     f"{_num(m['oracle_gap'], '.3f')} |")
     lines += [
         "",
         f"Operating point (calibrated on {summary['calibration_split']}): target offload "
@@ -220,5 +222,11 @@ def _markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pct(rate: float) -> str:
-    return "never" if np.isnan(rate) else f"{rate:.0%}"
+def _pct(rate: float | None) -> str:
+    """A CPT: NaN (or null, read back from JSON) means the target is never reached."""
+    return "never" if rate is None or np.isnan(rate) else f"{rate:.0%}"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    """Undefined figures (an edge as good as the cloud has no PGR) print as n/a."""
+    return "n/a" if value is None or np.isnan(value) else format(value, fmt)

@@ -12,13 +12,14 @@ stage's headline figures.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
 import ml_collections
 
-from dmd_jax import reporting
+from dmd_jax import parallel, reporting
 from dmd_jax.jobs import hybrid, label, switcher, train
 
 JOBS = {"train": train.run, "label": label.run, "train_switcher": switcher.run,
@@ -45,8 +46,44 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         summary["stages"][name]["seconds"] = time.perf_counter() - start
     if "hybrid" in summary["stages"]:
         summary.update(summary["stages"]["hybrid"])
+    summary["devices"] = parallel.describe()
     reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    if parallel.is_main_process():
+        reporting.write_atomic(os.path.join(workdir, "REPORT.md"), report(summary, workdir))
+    reporting.log(f"[pipeline] done: {os.path.join(workdir, 'REPORT.md')}")
     return summary
+
+
+def report(summary: dict[str, Any], workdir: str) -> str:
+    """REPORT.md: what ran, the models, the hybrid system, the routers, the figure."""
+    lines = [f"# dmd_jax pipeline report: `{workdir}`", "",
+             f"Ran on {summary['devices']}.", "",
+             "| stage | headline | seconds |", "|---|---|---|"]
+    for name, stage in summary["stages"].items():
+        headline = ", ".join(f"{k} {_short(v)}" for k, v in stage.items()
+                             if k not in ("seconds", "operating_point", "param_fingerprint"))
+        lines.append(f"| {name} | {headline} | {stage['seconds']:.0f} |")
+    hybrid_dir = os.path.join(workdir, "hybrid")
+    if "hybrid" in summary["stages"]:
+        with open(os.path.join(hybrid_dir, "summary.json")) as f:
+            result = json.load(f)
+        point = result["operating_point"]
+        lines += ["", "## Edge, cloud and the hybrid system (test split)", "",
+                  "| system | accuracy | GFLOPs per clip | offload rate |", "|---|---|---|---|",
+                  f"| edge only | {result['edge_accuracy']:.4f} | "
+                  f"{point['edge_gflops_per_clip']:.4f} | 0 |",
+                  f"| cloud only | {result['cloud_accuracy']:.4f} | "
+                  f"{point['cloud_gflops_per_clip']:.4f} | 1 |",
+                  f"| hybrid (DMD switcher) | {point['accuracy']:.4f} | "
+                  f"{point['gflops_per_clip']:.4f} | {point['offload_rate']:.3f} |",
+                  "", "## Routers", "", hybrid.markdown(result),
+                  "![deferral curves](hybrid/deferral.png)", ""]
+    lines += ["Online adaptation under corruptions (CEMA) is not part of the pipeline yet.", ""]
+    return "\n".join(lines)
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def stage_config(config: ml_collections.ConfigDict, name: str,

@@ -32,6 +32,15 @@ def runs(data_dir, tiny_pipeline):
     return root, summaries, config
 
 
+def test_pipeline_report(runs):
+    root = runs[0]
+    report = open(f"{root}/REPORT.md").read()
+    assert "| hybrid (DMD switcher) |" in report and "| dmd_switcher |" in report
+    assert "![deferral curves](hybrid/deferral.png)" in report
+    assert os.path.exists(f"{root}/hybrid/deferral.png")
+    assert json.load(open(f"{root}/summary.json"))["devices"]["device_count"] == 8
+
+
 def test_label_outputs(runs):
     root, summaries, _ = runs
     assert summaries["label"]["num_labelled"] == 32
