@@ -206,7 +206,8 @@ def markdown(summary: dict[str, Any]) -> str:
         "| router | AUC | APGR | CPT(50%) | CPT(80%) | CPT(95%) | oracle gap |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, m in summary["routers"].items():
+    for name in sorted(summary["routers"], key=_router_rank):
+        m = summary["routers"][name]
         lines.append(f"| {name} | {m['auc']:.4f} | {_num(m['apgr'], '.3f')} | "
                      f"{_pct(m['cpt_50'])} | {_pct(m['cpt_80'])} | {_pct(m['cpt_95'])} | "
                      f"{_num(m['oracle_gap'], '.3f')} |")
@@ -220,6 +221,13 @@ def markdown(summary: dict[str, Any]) -> str:
         f"upload {point['upload_bytes_per_clip']:.0f} bytes per clip.",
     ]
     return "\n".join(lines) + "\n"
+
+
+ROUTERS = ("dmd_switcher", "gt_switcher", "max_prob", "entropy", "margin", "random", "oracle")
+
+
+def _router_rank(name: str) -> int:
+    return ROUTERS.index(name) if name in ROUTERS else len(ROUTERS)
 
 
 def _pct(rate: float | None) -> str:
