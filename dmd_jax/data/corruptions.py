@@ -255,7 +255,7 @@ def main() -> None:
 
     out = sys.argv[1] if len(sys.argv) > 1 else "corruptions.png"
     clip = synthetic.render_clip(synthetic.clip_rng(0, "test", 1), 4, synthetic.RenderConfig())[0]
-    sheet = contact_sheet(clip, jax.random.key(0))
+    sheet = contact_sheet(clip, jax.random.key(0), frames=(0, 3, 6))
     fig, ax = plt.subplots(figsize=(sheet.shape[1] / 40, sheet.shape[0] / 40 + 0.6))
     ax.imshow(sheet, interpolation="nearest")
     h = clip.shape[1] + 2
@@ -265,8 +265,8 @@ def main() -> None:
                   ["clean"] + [f"severity {s}" for s in range(1, 6)])
     ax.tick_params(length=0)
     fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    print(f"wrote {out}: {len(CORRUPTIONS)} corruptions x severities 1-5, frames 0, 2, 4, 6")
+    fig.savefig(out, dpi=60)
+    print(f"wrote {out}: {len(CORRUPTIONS)} corruptions x severities 1-5, frames 0, 3, 6")
 
 
 if __name__ == "__main__":

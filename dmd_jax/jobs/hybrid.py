@@ -186,6 +186,7 @@ def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
         ax.plot([x], [point["accuracy"]], "k*", ms=12, label="operating point")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
+    axes[1].axvline(0.5 * costs["cloud"], color="grey", lw=0.8, ls=":", label="50% of cloud GFLOPs")
     axes[0].set_xlabel("offload rate")
     axes[1].set_xlabel("GFLOPs per clip")
     axes[1].legend(fontsize=7, loc="lower right")
