@@ -10,7 +10,7 @@ demo: $(INSTALLED)
 	$(BIN)/python -m dmd_jax.main --config configs/demo.py:pipeline --workdir runs/demo
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/x3d_train_step.py
