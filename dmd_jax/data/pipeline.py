@@ -53,22 +53,23 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """Returns a prepared builder; generates it first when `data.prepare` allows."""
+    """Returns a prepared builder; generates it first when `data.prepare` allows.
+
+    The main host decides and writes; every host raises the same error or waits for the
+    files, so no host is left hanging at a barrier."""
     builder = make_builder(data)
-    if not parallel.is_main_process():  # one host writes the files; the others wait for them
-        parallel.barrier("dataset prepared")
-        return make_builder(data)
-    if not builder.is_prepared():
-        if not data.prepare:
-            raise DatasetNotPreparedError(
-                f"dataset {builder.name}/{builder.builder_config.name} is not prepared in "
-                f"{builder.data_dir_root}. Prepare it with --config.data.prepare=True (or "
-                "point --config.data.data_dir at the folder that holds it).")
+    missing = bool(parallel.broadcast_from_main(np.asarray(not builder.is_prepared())))
+    if missing and not data.prepare:
+        raise DatasetNotPreparedError(
+            f"dataset {builder.name}/{builder.builder_config.name} is not prepared in "
+            f"{builder.data_dir_root}. Prepare it with --config.data.prepare=True (or "
+            "point --config.data.data_dir at the folder that holds it).")
+    if missing and parallel.is_main_process():
         print(f"Preparing dataset {builder.name}/{builder.builder_config.name} in "
               f"{builder.data_dir_root} (once) ...", flush=True)
         builder.download_and_prepare()
     parallel.barrier("dataset prepared")
-    return builder
+    return builder if parallel.is_main_process() else make_builder(data)
 
 
 class Split:
