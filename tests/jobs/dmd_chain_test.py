@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dmd_jax import hybrid, routing
+from dmd_jax import hybrid
 from dmd_jax.data import pipeline
 from dmd_jax.jobs import label, switcher
 
