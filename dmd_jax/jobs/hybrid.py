@@ -37,9 +37,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     reporting.ensure_workdir(workdir)
     reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     cfg = config.hybrid
-    calibration = _with_switcher_scores(cfg, label.read_split(cfg.label_dir, cfg.calibration_split))
-    test = _with_switcher_scores(cfg, label.read_split(cfg.label_dir, cfg.test_split))
-    costs = _costs(config, test)
+    switchers = _load_switchers(cfg)
+    calibration = _with_scores(switchers, label.read_split(cfg.label_dir, cfg.calibration_split))
+    test = _with_scores(switchers, label.read_split(cfg.label_dir, cfg.test_split))
+    costs = _costs(config, test, *switchers["dmd_switcher"])
 
     rate, weight, threshold = _calibrate(cfg, calibration, costs)
     answers = _answers(test, weight)
@@ -83,20 +84,27 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     return summary
 
 
-def _with_switcher_scores(cfg: ml_collections.ConfigDict,
-                          data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Adds `dmd_switcher` (and `gt_switcher` where trained) P(aligned) per clip."""
-    out = dict(data)
+def _load_switchers(cfg: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+    """`dmd_switcher` (and `gt_switcher` where trained): `(module, params)` each."""
+    switchers = {}
     for router, target in (("dmd_switcher", cfg.switcher_target), ("gt_switcher", "ground_truth")):
         directory = os.path.join(cfg.switcher_dir, target, "switcher")
         if router == "gt_switcher" and not os.path.exists(directory):
             continue  # the ablation is optional
         module, params, _ = switcher_job.load(directory)
-        out[router] = switcher_job.scores(module, params, data)
-    return out
+        switchers[router] = (module, params)
+    return switchers
 
 
-def _costs(config: ml_collections.ConfigDict, data: dict[str, np.ndarray]) -> dict[str, float]:
+def _with_scores(switchers: dict[str, tuple[Any, Any]],
+                 data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`data` plus each router's P(aligned) per clip."""
+    return {**data, **{router: switcher_job.scores(module, params, data)
+                       for router, (module, params) in switchers.items()}}
+
+
+def _costs(config: ml_collections.ConfigDict, data: dict[str, np.ndarray], module,
+           params) -> dict[str, float]:
     """GFLOPs per clip of each compiled model, and bytes per uploaded clip."""
     result = {}
     for role in ("edge", "cloud"):
@@ -108,8 +116,6 @@ def _costs(config: ml_collections.ConfigDict, data: dict[str, np.ndarray]) -> di
         result[role] = flops.gflops(
             lambda v, m=model: m.classify(v)[0], clip)
         result["clip_bytes"] = float(np.prod(model.input_shape))  # uint8 pixels
-    module, params, _ = switcher_job.load(
-        os.path.join(config.hybrid.switcher_dir, config.hybrid.switcher_target, "switcher"))
     result["switcher"] = flops.gflops(
         lambda f, l: module.apply({"params": params}, f, l),
         jnp.asarray(data["edge_features"][:1]), jnp.asarray(data["edge_logits"][:1]))

@@ -107,9 +107,13 @@ def train_step(state: SwitcherState, batch: dict[str, jnp.ndarray], *, model: Sw
 
 def scores(model: Switcher, params: Any, data: dict[str, np.ndarray]) -> np.ndarray:
     """`P(aligned)` for every clip of a labelled split."""
-    logits = jax.jit(lambda p, f, l: model.apply({"params": p}, f, l))(
-        params, data["edge_features"], data["edge_logits"])
-    return np.asarray(jax.nn.sigmoid(logits))
+    return np.asarray(_probability(model, params, data["edge_features"], data["edge_logits"]))
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one compilation per switcher shape, reused
+def _probability(model: Switcher, params: Any, features: jnp.ndarray,
+                 edge_logits: jnp.ndarray) -> jnp.ndarray:
+    return jax.nn.sigmoid(model.apply({"params": params}, features, edge_logits))
 
 
 def _train_one(config, target: str, train_data, eval_data, mesh, out_dir: str) -> dict[str, Any]:
