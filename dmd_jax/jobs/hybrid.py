@@ -37,9 +37,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     reporting.ensure_workdir(workdir)
     reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
     cfg = config.hybrid
-    switchers = _load_switchers(cfg)
-    calibration = _with_scores(switchers, label.read_split(cfg.label_dir, cfg.calibration_split))
-    test = _with_scores(switchers, label.read_split(cfg.label_dir, cfg.test_split))
+    calibration = label.read_split(cfg.label_dir, cfg.calibration_split)
+    test = label.read_split(cfg.label_dir, cfg.test_split)
+    switchers = _load_switchers(cfg)  # after the labels: those are the first thing missing
+    calibration, test = _with_scores(switchers, calibration), _with_scores(switchers, test)
     costs = _costs(config, test, *switchers["dmd_switcher"])
 
     rate, weight, threshold = _calibrate(cfg, calibration, costs)
