@@ -50,7 +50,7 @@ def model_config(arch: dict) -> ml_collections.ConfigDict:
 
 VARIANTS = {"edge": "train", "teacher": "train", "label": "label",
             "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "tiny": "train",
-            "pipeline": "pipeline", "tiny_pipeline": "pipeline"}
+            "adapt": "adapt", "pipeline": "pipeline", "tiny_pipeline": "pipeline"}
 PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid")
 
 
@@ -93,6 +93,61 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
     ))
 
 
+def adapt_config() -> ml_collections.ConfigDict:
+    """Online adaptation under corruptions (METHODS.md §2-4): the edge adapts, the teacher
+    is CEMA's cloud foundation model. The defaults are the papers'."""
+    from dmd_jax.data.corruptions import CORRUPTIONS
+
+    return ml_collections.ConfigDict(dict(
+        split="test",
+        protocol="reset",  # 'reset' per corruption x severity, 'continual' or 'mixed'
+        corruptions=tuple(CORRUPTIONS),
+        severities=(5,),
+        methods=("source", "norm", "tent", "eata", "sar", "cema", "cema_static_emax",
+                 "cloud_all"),  # also: cema_no_emin, cema_no_redundancy
+        batch_size=64,  # the stream batch (global)
+        seed=0,
+        collapse_fraction=0.9,  # an adapted batch this concentrated on one class resets
+        log_every=0,  # progress every N batches within a stream (0: per stream only)
+        tta=dict(  # tent, eata, sar
+            learning_rate=2.5e-4,
+            momentum=0.9,
+            margin_factor=0.4,  # E0 = 0.4 ln C
+            redundancy_margin=0.05,
+            ema_decay=0.9,
+            fisher_alpha=2000.0,
+            fisher_split="train",  # clean clips for EATA's Fisher information
+            fisher_clips=2000,
+            sam_rho=0.05,
+            reset_loss_ema=0.2,
+        ),
+        cema=dict(
+            margin_factor=0.4,
+            unreliable_filter=True,  # H < E_max(t)
+            dynamic_emax=True,  # E_max(t) = E0 lam mean_H(t) / mean_H(warm-up) after warm-up
+            warmup_clips=256,
+            lam=0.6,
+            low_info_filter=True,  # H > e_min ln C
+            e_min=0.02,
+            redundancy_filter=True,  # |cos(m, p)| < redundancy_margin
+            redundancy_margin=0.05,
+            ema_decay=0.9,
+            upload_all=False,  # cloud_all sets it
+            buffer_size=10000,
+            new_per_step=32,
+            replay_per_step=96,
+            replay_from=256,
+            foundation_learning_rate=2.5e-4,
+            edge_learning_rate=2.5e-3,
+            momentum=0.9,
+            alpha=3.0,
+            beta=3.0,
+            gamma=1.0,
+            temperature=1.0,
+        ),
+    ))
+
+
 def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
     if arg not in VARIANTS:
         raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use one of {list(VARIANTS)}")
@@ -131,6 +186,7 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
     config.num_devices = 0  # 0: every device of every host
     config.data = data_config("tiny" if tiny else "demo")
     config.model = model_config(TEACHER if arg == "teacher" else EDGE)
+    config.adapt = adapt_config()
 
     config.train = ml_collections.ConfigDict(dict(
         batch_size=32,  # global, over all devices and hosts
@@ -160,4 +216,8 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
                             batch_size=8, eval_batch_size=16, warmup_steps=1)
         config.label.update(batch_size=8, chunk_size=16)
         config.switcher.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
+        config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"))
+        config.adapt.tta.fisher_clips = 16
+        config.adapt.cema.update(warmup_clips=8, new_per_step=8, replay_per_step=8,
+                                 replay_from=16, buffer_size=64)
     return config

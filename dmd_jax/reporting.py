@@ -41,6 +41,7 @@ def ensure_workdir(workdir: str) -> None:
 def write_atomic(path: str, text: str) -> None:
     """Writes `text` to `path` so that readers see the old file or the new one, never half."""
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
         f.write(text)
         f.flush()
@@ -71,6 +72,7 @@ def save_npz(path: str, **arrays: np.ndarray) -> None:
     if not parallel.is_main_process():
         return
     directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".npz") as f:
         np.savez(f, **arrays)
     os.replace(f.name, path)

@@ -185,6 +185,20 @@ def corrupt_batch(clips: jnp.ndarray, name: str, severity: int, key: jax.Array) 
     return jax.vmap(lambda c, k: corrupt(c, name, severity, k))(clips, keys)
 
 
+def corrupt_clips(clips: jnp.ndarray, ids: jnp.ndarray, name: str, severity: int,
+                  seed: int) -> jnp.ndarray:
+    """A batch in which each clip's randomness depends only on `(seed, name, severity,
+    its id)`: the same clip is corrupted the same way in any batch, on any device."""
+    base = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), _name_code(name)),
+                              severity)
+    keys = jax.vmap(lambda i: jax.random.fold_in(base, i))(ids)
+    return jax.vmap(lambda c, k: corrupt(c, name, severity, k))(clips, keys)
+
+
+def _name_code(name: str) -> int:
+    return sorted(CORRUPTIONS).index(name)
+
+
 # --- helpers --------------------------------------------------------------------------------
 
 def _filter2d(x: jnp.ndarray, kernel: np.ndarray) -> jnp.ndarray:

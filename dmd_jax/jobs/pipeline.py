@@ -20,10 +20,10 @@ from typing import Any
 import ml_collections
 
 from dmd_jax import parallel, reporting
-from dmd_jax.jobs import hybrid, label, switcher, train
+from dmd_jax.jobs import adapt, hybrid, label, switcher, train
 
 JOBS = {"train": train.run, "label": label.run, "train_switcher": switcher.run,
-        "evaluate_hybrid": hybrid.run}
+        "evaluate_hybrid": hybrid.run, "adapt": adapt.run}
 HEADLINES = ("eval_accuracy", "steps", "examples_per_sec", "param_fingerprint", "num_labelled",
              "agreement_rate", "switcher_auroc", "edge_accuracy", "cloud_accuracy",
              "operating_point")

@@ -246,29 +246,35 @@ class X3D(nn.Module):
                         self.bottleneck_factor, self.head_dim)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, x: jnp.ndarray, train: bool = False,
+                 batch_norm_from_batch: bool | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """`train` turns dropout on and normalises with the batch's statistics (updating
+        the running averages in `batch_stats`, which must then be mutable).
+        `batch_norm_from_batch=True` alone normalises with the batch's statistics but
+        keeps dropout off: what test-time adaptation (Tent, CEMA) runs."""
+        from_batch = train if batch_norm_from_batch is None else batch_norm_from_batch
         arch = self.arch
         x = x.astype(self.dtype)
         x = Stem(arch.stem_dim, depthwise_impl=self.depthwise_impl, axis_name=self.axis_name,
-                 dtype=self.dtype, name="stem")(x, train)
+                 dtype=self.dtype, name="stem")(x, from_batch)
         for s, (depth, inner, out) in enumerate(
                 zip(arch.stage_depths, arch.stage_inner_dims, arch.stage_dims)):
             for b in range(depth):
                 x = Bottleneck(inner, out, stride=2 if b == 0 else 1, use_se=b % 2 == 0,
                                se_ratio=self.se_ratio, depthwise_impl=self.depthwise_impl,
                                axis_name=self.axis_name,
-                               dtype=self.dtype, name=f"stage{s + 1}_block{b}")(x, train)
-        features = self._head_features(x, train)
+                               dtype=self.dtype, name=f"stage{s + 1}_block{b}")(x, from_batch)
+        features = self._head_features(x, from_batch)
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
         logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                           dtype=self.dtype, name="head_proj")(y)
         return logits.astype(jnp.float32), features.astype(jnp.float32)
 
-    def _head_features(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
+    def _head_features(self, x: jnp.ndarray, from_batch: bool) -> jnp.ndarray:
         arch = self.arch
         x = nn.Conv(arch.head_inner_dim, (1, 1, 1), use_bias=False, kernel_init=_conv_init,
                     dtype=self.dtype, name="head_pre_conv")(x)
-        x = nn.relu(_batch_norm(train, self.axis_name, self.dtype, "head_pre_norm")(x))
+        x = nn.relu(_batch_norm(from_batch, self.axis_name, self.dtype, "head_pre_norm")(x))
         x = jnp.mean(x, axis=(1, 2, 3))
         x = nn.Dense(arch.head_dim, use_bias=False, kernel_init=_conv_init,
                      dtype=self.dtype, name="head_post_conv")(x)

@@ -1,0 +1,343 @@
+"""The `adapt` job: online adaptation of the edge under corrupted video (METHODS.md §2-4).
+
+For every method of `config.adapt.methods` and every stream of the protocol (`reset`:
+one per corruption x severity, models reset before each; `continual`; `mixed`), the
+corrupted test split flows through the method batch by batch. Accuracy counts the
+predictions each method made *before* that batch changed it. Per stream it saves the
+per-clip predictions (`WORKDIR/<protocol>/<method>/<stream>.npz`, written atomically:
+a killed job started again skips the streams on disk), and at the end `summary.json`,
+`report.md` (accuracy per corruption, mPC, rPC, upload and bytes) and
+`accuracy_vs_upload.png`.
+
+Stability: after a method has adapted, a batch with non-finite outputs or loss, or whose
+predictions collapse onto one class (`collapse_fraction` of the batch), resets the
+method to the source model. Every such reset is logged and counted in the summary.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable
+
+import ml_collections
+import numpy as np
+
+from dmd_jax import model_store, parallel, reporting
+from dmd_jax.data import pipeline, streams
+from dmd_jax.errors import UserError
+from dmd_jax.jobs import label
+from dmd_jax.tta import baselines, cema
+from dmd_jax.tta.adaptable import Adaptable
+
+# Named CEMA variants: the paper's method, its ablations and the 100%-upload bound.
+CEMA_VARIANTS = {
+    "cema": {},
+    "cema_static_emax": {"dynamic_emax": False},  # the official code's setting
+    "cema_no_emin": {"low_info_filter": False},
+    "cema_no_redundancy": {"redundancy_filter": False},
+    "cloud_all": {"upload_all": True},
+}
+BASELINES = ("source", "norm", "tent", "eata", "sar")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    reporting.ensure_workdir(workdir)
+    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    cfg = config.adapt
+    _check_methods(cfg.methods)
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_global_batch(cfg.batch_size, mesh)
+
+    edge_model = model_store.load(config.edge.path, role="edge")
+    builder = pipeline.prepare(config.data)
+    split = pipeline.Split(builder, cfg.split, config.data.frames, config.data.size)
+    if edge_model.class_names != split.class_names:
+        raise UserError(f"the edge model ({edge_model.source}) was trained on other classes "
+                        f"than split {split.name!r}; train or convert it for this dataset")
+    edge = Adaptable.of(edge_model)
+    reader = streams.StreamReader(split, cfg.batch_size, mesh, cfg.seed)
+    stream_list = streams.make_streams(cfg.protocol, len(split), tuple(cfg.corruptions),
+                                       tuple(cfg.severities), cfg.batch_size, cfg.seed)
+    builders = _method_builders(config, edge, builder, mesh)
+
+    clean = _clean_accuracy(builders["source"](), split, cfg, mesh, workdir)
+    results: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for name in cfg.methods:
+        method = None  # built on first need: a finished method costs nothing to resume
+        results[name] = {}
+        for stream in stream_list:
+            path = os.path.join(workdir, cfg.protocol, name, f"{stream.name}.npz")
+            if parallel.broadcast_from_main(np.asarray(os.path.exists(path))):
+                results[name][stream.name] = dict(np.load(path))
+                continue
+            method = method or builders[name]()
+            method.reset()
+            outcome = run_stream(method, stream, reader, cfg)
+            reporting.save_npz(path, **outcome)
+            results[name][stream.name] = outcome
+            _log_stream(name, stream.name, outcome)
+
+    summary = summarize(results, clean, cfg)
+    summary["devices"] = parallel.describe()
+    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    if parallel.is_main_process():
+        reporting.write_atomic(os.path.join(workdir, "report.md"), markdown(summary))
+        _plot(os.path.join(workdir, "accuracy_vs_upload.png"), summary)
+    reporting.log(f"[adapt] done: {os.path.join(workdir, 'report.md')}")
+    return summary
+
+
+def _check_methods(methods) -> None:
+    unknown = [m for m in methods if m not in BASELINES and m not in CEMA_VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown adaptation methods {unknown} in config.adapt.methods; "
+                         f"available: {list(BASELINES) + list(CEMA_VARIANTS)}")
+
+
+def _method_builders(config: ml_collections.ConfigDict, edge: Adaptable, builder,
+                     mesh) -> dict[str, Callable[[], baselines.Method]]:
+    """Method name -> a function that builds it (models load only when a method needs them)."""
+    cfg = config.adapt
+
+    def foundation() -> Adaptable:
+        cloud = model_store.load(config.cloud.path, role="cloud")
+        return Adaptable.of(label.zero_shot_for(cloud, config.cloud.path, builder))
+
+    def eata() -> baselines.Method:
+        fisher_split = pipeline.Split(builder, cfg.tta.fisher_split, config.data.frames,
+                                      config.data.size)
+        count = min(cfg.tta.fisher_clips, len(fisher_split))
+        count -= count % cfg.batch_size
+        rows = parallel.host_slice(cfg.batch_size)
+        clean_batches = (parallel.to_global(fisher_split.rows(np.arange(s, s + cfg.batch_size)[rows])
+                                            ["video"], mesh)
+                         for s in range(0, count, cfg.batch_size))
+        return baselines.EATA(edge, mesh, cfg.tta, clean_batches)
+
+    def cema_variant(name: str) -> Callable[[], baselines.Method]:
+        def build() -> baselines.Method:
+            variant = ml_collections.ConfigDict(cfg.cema.to_dict())
+            variant.update(CEMA_VARIANTS[name])
+            return cema.CEMA(name, edge, foundation(), mesh, variant, cfg.seed)
+        return build
+
+    return {"source": lambda: baselines.Source(edge, mesh),
+            "norm": lambda: baselines.Norm(edge, mesh),
+            "tent": lambda: baselines.Tent(edge, mesh, cfg.tta),
+            "eata": eata,
+            "sar": lambda: baselines.SAR(edge, mesh, cfg.tta),
+            **{name: cema_variant(name) for name in CEMA_VARIANTS}}
+
+
+def _clean_accuracy(source: baselines.Method, split: pipeline.Split,
+                    cfg: ml_collections.ConfigDict, mesh, workdir: str) -> float:
+    """The source model's accuracy on the uncorrupted stream clips: rPC's denominator."""
+    path = os.path.join(workdir, "clean_source.npz")
+    if not os.path.exists(path):
+        usable = len(split) - len(split) % cfg.batch_size
+        order = np.random.default_rng(cfg.seed).permutation(len(split))[:usable]
+        rows = parallel.host_slice(cfg.batch_size)
+        predictions, labels = [], []
+        for start in range(0, usable, cfg.batch_size):
+            host = split.rows(order[start:start + cfg.batch_size][rows])
+            logits = source.process(parallel.to_global(host["video"], mesh)).logits
+            predictions.append(logits.argmax(-1))
+            labels.append(parallel.gather_host_rows(host["label"]))
+        reporting.save_npz(path, prediction=np.concatenate(predictions),
+                           label=np.concatenate(labels))
+    saved = np.load(path)
+    return float(np.mean(saved["prediction"] == saved["label"]))
+
+
+def run_stream(method: baselines.Method, stream: streams.Stream, reader: streams.StreamReader,
+               cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+    """One stream through one method; per-clip and per-batch records of what happened."""
+    rows: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "id", "label", "corruption", "severity", "prediction", "uploaded", "learned_from")}
+    batches: dict[str, list[Any]] = {k: [] for k in (
+        "loss", "bytes_up", "bytes_down", "cloud_steps", "self_resets", "stability_reset")}
+    adapted, start, num_batches = False, time.perf_counter(), len(stream) // cfg.batch_size
+    before = None  # how concentrated the predictions were before adaptation began
+    for b, (clips, info) in enumerate(reader.batches(stream)):
+        result = method.process(clips)
+        if before is None:
+            before = top_class_fraction(result.logits)
+        for key in ("id", "label", "corruption", "severity"):
+            rows[key].append(info[key])
+        rows["prediction"].append(result.logits.argmax(-1))
+        rows["uploaded"].append(result.uploaded)
+        rows["learned_from"].append(result.learned_from)
+        for key in ("loss", "bytes_up", "bytes_down", "cloud_steps", "self_resets"):
+            batches[key].append(getattr(result, key))
+        problem = health_problem(result, adapted, cfg.collapse_fraction, before)
+        if problem:
+            reporting.log(f"[adapt] {method.name} {stream.name} batch {b}: {problem}; "
+                          "resetting to the source model")
+            method.reset()
+            adapted, before = False, None
+        else:
+            adapted = (adapted or result.updated) and not result.self_resets
+        batches["stability_reset"].append(problem or "")
+        if cfg.log_every and (b + 1) % cfg.log_every == 0 and b + 1 < num_batches:
+            rate = (b + 1) * cfg.batch_size / (time.perf_counter() - start)
+            reporting.log(f"[adapt] {method.name} {stream.name}: batch {b + 1}/{num_batches}  "
+                          f"{rate:.0f} clips/s  ETA {(num_batches - b - 1) * cfg.batch_size / rate:.0f}s")
+    out = {k: np.concatenate(v) for k, v in rows.items()}
+    out["condition"] = stream.row_names()
+    out.update({k: np.asarray(v) for k, v in batches.items()})
+    out["seconds"] = np.asarray(time.perf_counter() - start)
+    return out
+
+
+def health_problem(result: baselines.BatchResult, adapted: bool, collapse_fraction: float,
+                   before: float) -> str | None:
+    """Why the adapted model must be reset, or None: a non-finite loss or outputs, or a
+    collapse the adaptation caused: at least `collapse_fraction` of the batch predicted
+    as one class when, before adapting (`before`: that fraction on the stream's first
+    batch since the last reset), the model's predictions were more spread out."""
+    if result.updated and not np.isfinite(result.loss):
+        return f"non-finite adaptation loss ({result.loss})"
+    if not adapted:
+        return None
+    if not np.all(np.isfinite(result.logits)):
+        return "non-finite predictions"
+    top = top_class_fraction(result.logits)
+    if top >= collapse_fraction > before:
+        return (f"collapse: {top:.0%} of the batch predicted as one class "
+                f"({before:.0%} before adapting)")
+    return None
+
+
+def top_class_fraction(logits: np.ndarray) -> float:
+    """The fraction of the batch predicted as its most frequent class."""
+    predictions = np.nan_to_num(logits, nan=0.0).argmax(-1)
+    return float(np.bincount(predictions).max() / len(predictions))
+
+
+def summarize(results: dict[str, dict[str, dict[str, np.ndarray]]], clean_accuracy: float,
+              cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Per method: per corruption x severity and averaged (mPC, rPC) figures."""
+    methods = {}
+    for name, per_stream in results.items():
+        rows = _rows_by_condition(per_stream)
+        conditions = {cond: _condition_stats(r) for cond, r in rows.items()}
+        mean = lambda key: float(np.mean([c[key] for c in conditions.values()]))
+        total = lambda key: float(sum(c[key] for c in conditions.values()))
+        methods[name] = {
+            "accuracy": mean("accuracy"),  # mPC over the corruptions x severities
+            "rpc": mean("accuracy") / clean_accuracy if clean_accuracy else None,
+            "upload_fraction": mean("upload_fraction"),
+            "learned_from_fraction": mean("learned_from_fraction"),
+            "bytes_up": total("bytes_up"),
+            "bytes_down": total("bytes_down"),
+            "cloud_steps": total("cloud_steps"),
+            "stability_resets": int(sum(np.count_nonzero(s["stability_reset"])
+                                        for s in per_stream.values())),
+            "self_resets": int(sum(s["self_resets"].sum() for s in per_stream.values())),
+            "seconds": float(sum(s["seconds"] for s in per_stream.values())),
+            "stream_clips_per_sec": float(sum(len(s["id"]) for s in per_stream.values())
+                                          / sum(s["seconds"] for s in per_stream.values())),
+            "corruptions": conditions,
+        }
+    return {"protocol": cfg.protocol, "severities": list(cfg.severities),
+            "corruptions": list(cfg.corruptions), "batch_size": cfg.batch_size,
+            "clean_accuracy": clean_accuracy, "methods": methods,
+            "settings": {"tta": cfg.tta.to_dict(), "cema": cfg.cema.to_dict(),
+                         "collapse_fraction": cfg.collapse_fraction}}
+
+
+def _rows_by_condition(per_stream: dict[str, dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """Every clip row of every stream, grouped by `corruption@severity`. Per-batch bytes
+    and cloud steps are shared out evenly over the batch's rows."""
+    grouped: dict[str, list[dict[str, np.ndarray]]] = {}
+    for s in per_stream.values():
+        batch = len(s["id"]) // len(s["loss"])
+        per_row = {k: np.repeat(s[k] / batch, batch) for k in ("bytes_up", "bytes_down", "cloud_steps")}
+        names = s["condition"]
+        for cond in np.unique(names):
+            keep = names == cond
+            part = {k: s[k][keep] for k in ("label", "prediction", "uploaded", "learned_from")}
+            part.update({k: v[keep] for k, v in per_row.items()})
+            grouped.setdefault(str(cond), []).append(part)
+    return {c: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            for c, parts in sorted(grouped.items())}
+
+
+def _condition_stats(rows: dict[str, np.ndarray]) -> dict[str, float]:
+    return {"accuracy": float(np.mean(rows["prediction"] == rows["label"])),
+            "upload_fraction": float(np.mean(rows["uploaded"])),
+            "learned_from_fraction": float(np.mean(rows["learned_from"])),
+            "bytes_up": float(rows["bytes_up"].sum()),
+            "bytes_down": float(rows["bytes_down"].sum()),
+            "cloud_steps": float(rows["cloud_steps"].sum()),
+            "num_clips": int(len(rows["label"]))}
+
+
+def _log_stream(name: str, stream: str, outcome: dict[str, np.ndarray]) -> None:
+    accuracy = np.mean(outcome["prediction"] == outcome["label"])
+    resets = np.count_nonzero(outcome["stability_reset"])
+    reporting.log(f"[adapt] {name:<16} {stream:<22} accuracy {accuracy:.3f}  upload "
+                  f"{np.mean(outcome['uploaded']):.1%}  cloud steps {outcome['cloud_steps'].sum()}"
+                  f"  {len(outcome['id']) / float(outcome['seconds']):.0f} clips/s"
+                  + (f"  {resets} stability resets" if resets else ""))
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """report.md: the headline table, the settings, then accuracy per corruption."""
+    methods = summary["methods"]
+    conditions = sorted(next(iter(methods.values()))["corruptions"])
+    lines = [
+        f"# Online adaptation: protocol `{summary['protocol']}`, severities "
+        f"{summary['severities']}, stream batch {summary['batch_size']}", "",
+        f"Ran on {summary.get('devices')}. Accuracy is of the predictions each method made "
+        "before adapting on the batch. mPC: mean accuracy over the corruptions; rPC: mPC / "
+        f"the source model's clean accuracy ({summary['clean_accuracy']:.3f}). Upload: "
+        "fraction of the stream's clips sent to the cloud (CEMA); learned from: fraction "
+        "the adaptation used.", "",
+        "| method | mPC | rPC | upload | learned from | MB up | KB down | cloud steps | "
+        "stability resets | clips/s |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        lines.append(
+            f"| {name} | {m['accuracy']:.4f} | {m['rpc']:.3f} | {m['upload_fraction']:.1%} | "
+            f"{m['learned_from_fraction']:.1%} | {m['bytes_up'] / 1e6:.2f} | "
+            f"{m['bytes_down'] / 1e3:.1f} | {m['cloud_steps']:.0f} | {m['stability_resets']} | "
+            f"{m['stream_clips_per_sec']:.0f} |")
+    lines += ["", "## Accuracy per corruption", "",
+              "| corruption | " + " | ".join(methods) + " |",
+              "|---|" + "---|" * len(methods)]
+    for cond in conditions:
+        cells = [f"{methods[m]['corruptions'][cond]['accuracy']:.3f}" for m in methods]
+        lines.append(f"| {cond} | " + " | ".join(cells) + " |")
+    lines += ["", "## Settings", "", "```", _settings(summary["settings"]), "```", "",
+              "![accuracy vs upload](accuracy_vs_upload.png)", ""]
+    return "\n".join(lines)
+
+
+def _settings(settings: dict[str, Any]) -> str:
+    return "\n".join(f"{group}: {values}" for group, values in settings.items())
+
+
+def _plot(path: str, summary: dict[str, Any]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for name, m in summary["methods"].items():
+        marker = "*" if name.startswith("cema") else "o"
+        ax.plot([m["upload_fraction"]], [m["accuracy"]], marker, ms=12 if marker == "*" else 8,
+                label=name)
+        ax.annotate(name, (m["upload_fraction"], m["accuracy"]), fontsize=7,
+                    xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("upload fraction of the stream")
+    ax.set_ylabel("mPC (accuracy under corruption)")
+    ax.set_xlim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,271 @@
+"""CEMA (METHODS.md §2): the edge predicts and uploads; the cloud adapts and sends back.
+
+Two objects with an explicit message boundary, as on real hardware:
+
+- `Edge` only runs forward passes. It scores every clip, keeps the ones that are
+  reliable (`H < E_max(t)`), informative (`H > E_min ln C`) and not redundant, and sends
+  them up as an `Upload` of uint8 clips, exactly as stored. It never computes a gradient.
+- `Cloud` holds the replay buffer, the foundation model, a copy of the edge model and
+  both optimiser states. On every 32 new clips (plus 96 replayed once the buffer holds
+  256) it adapts the foundation model by weighted entropy and distils it into the edge
+  copy's normalisation parameters, which go back down as a `Download`.
+
+`CEMA` joins the two for a stream; `cloud_all` is the same cloud with every clip uploaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from dmd_jax import parallel
+from dmd_jax.tta import losses
+from dmd_jax.tta.adaptable import Adaptable, Params, num_bytes
+from dmd_jax.tta.baselines import BatchResult
+
+
+@dataclasses.dataclass(frozen=True)
+class Upload:
+    """Edge -> cloud: the selected clips, uint8 as stored."""
+
+    clips: np.ndarray  # (n, T, H, W, 3) uint8
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.clips.nbytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Download:
+    """Cloud -> edge: the adapted normalisation parameters of the edge model."""
+
+    norm_affine: Params  # host numpy arrays
+
+    @property
+    def nbytes(self) -> int:
+        return num_bytes(self.norm_affine)
+
+
+class UploadFilter:
+    """The edge's three upload filters, on the host (they are sequential and tiny).
+
+    Unreliable exclusion `H < E_max(t)`: `E_max = E0` until `warmup_clips` clips have
+    been seen; then, if `dynamic_emax`, `E0 * lam * mean_H(t) / mean_H(warm-up)`, the
+    running mean of every edge entropy so far over its value at the end of the warm-up.
+    Low-informative exclusion `H > e_min * ln C`. Redundancy (EATA's): `|cos(m, p)| <
+    redundancy_margin`, `m` the moving average of the uploaded clips' probabilities.
+    """
+
+    def __init__(self, num_classes: int, cfg: ml_collections.ConfigDict):
+        self.cfg = cfg
+        self.e0 = losses.reliability_margin(num_classes, cfg.margin_factor)
+        self.e_min = cfg.e_min * float(np.log(num_classes))
+        self.reset()
+
+    def reset(self) -> None:
+        self.seen, self.entropy_sum = 0, 0.0
+        self.warmup_mean: float | None = None
+        self.probs_ema: np.ndarray | None = None
+
+    def e_max(self) -> float:
+        if not self.cfg.dynamic_emax or self.warmup_mean is None:
+            return self.e0
+        return self.e0 * self.cfg.lam * (self.entropy_sum / self.seen) / self.warmup_mean
+
+    def select(self, probs: np.ndarray, ent: np.ndarray) -> np.ndarray:
+        """Which clips of this batch go up; updates the running statistics."""
+        self.seen += len(ent)
+        self.entropy_sum += float(ent.sum())
+        if self.warmup_mean is None and self.seen >= self.cfg.warmup_clips:
+            self.warmup_mean = self.entropy_sum / self.seen
+        keep = np.ones(len(ent), bool)
+        if self.cfg.unreliable_filter:
+            keep &= ent < self.e_max()
+        if self.cfg.low_info_filter:
+            keep &= ent > self.e_min
+        if self.cfg.redundancy_filter and self.probs_ema is not None:
+            cos = probs @ self.probs_ema / np.maximum(
+                np.linalg.norm(probs, axis=-1) * np.linalg.norm(self.probs_ema), 1e-8)
+            keep &= np.abs(cos) < self.cfg.redundancy_margin
+        if keep.any():
+            mean = probs[keep].mean(0)
+            self.probs_ema = mean if self.probs_ema is None else (
+                self.cfg.ema_decay * self.probs_ema + (1 - self.cfg.ema_decay) * mean)
+        return keep
+
+
+class Edge:
+    """The edge device: forward passes with the latest parameters from the cloud."""
+
+    def __init__(self, model: Adaptable, mesh, cfg: ml_collections.ConfigDict):
+        self.model, self._mesh = model, mesh
+        self.filter = UploadFilter(model.num_classes, cfg)
+        self.upload_all = cfg.upload_all
+        self._constants = parallel.put_replicated(model.constants(), mesh)
+        batch = parallel.batch_sharded(mesh)
+        self._forward = jax.jit(
+            lambda params, constants, clips: model.logits(params, constants, clips),
+            in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh), batch),
+            out_shardings=batch)
+        self.reset()
+
+    def reset(self) -> None:
+        self.norm_affine = parallel.put_replicated(self.model.source_norm_affine, self._mesh)
+        self.filter.reset()
+
+    def predict(self, clips: jax.Array) -> np.ndarray:
+        return parallel.fetch(self._forward(self.norm_affine, self._constants, clips))
+
+    def select(self, clips: jax.Array, logits: np.ndarray) -> tuple[Upload, np.ndarray]:
+        """The upload for this batch and the mask of the clips in it."""
+        probs = np.asarray(jax.nn.softmax(logits.astype(np.float64), axis=-1))
+        ent = -np.sum(probs * np.log(np.maximum(probs, 1e-30)), axis=-1)
+        keep = np.ones(len(logits), bool) if self.upload_all else self.filter.select(probs, ent)
+        stored = parallel.fetch(clips)  # the clips as the edge stores them
+        return Upload(np.asarray(stored)[keep]), keep
+
+    def receive(self, download: Download) -> None:
+        self.norm_affine = parallel.put_replicated(download.norm_affine, self._mesh)
+
+
+class ReplayBuffer:
+    """The cloud's FIFO memory of uploaded clips (host memory, uint8)."""
+
+    def __init__(self, capacity: int, seed: int):
+        self.capacity, self._seed = capacity, seed
+        self.reset()
+
+    def reset(self) -> None:
+        self._clips: list[np.ndarray] = []
+        self._rng = np.random.default_rng(self._seed)
+
+    def __len__(self) -> int:
+        return len(self._clips)
+
+    def add(self, clips: np.ndarray) -> None:
+        self._clips.extend(clips)
+        del self._clips[:max(0, len(self._clips) - self.capacity)]
+
+    def sample(self, count: int) -> np.ndarray:
+        picks = self._rng.choice(len(self._clips), size=count, replace=False)
+        return np.stack([self._clips[i] for i in picks])
+
+
+class Cloud:
+    """The cloud: replay buffer, foundation model, the edge's copy, optimisers, steps."""
+
+    def __init__(self, edge_model: Adaptable, foundation: Adaptable, mesh,
+                 cfg: ml_collections.ConfigDict, seed: int):
+        if foundation.model.class_names != edge_model.model.class_names:
+            raise ValueError("CEMA's foundation and edge models must predict the same classes")
+        self.edge_model, self.foundation, self.cfg, self._mesh = edge_model, foundation, cfg, mesh
+        self.e0 = losses.reliability_margin(edge_model.num_classes, cfg.margin_factor)
+        self.buffer = ReplayBuffer(cfg.buffer_size, seed)
+        self.edge_opt = optax.sgd(cfg.edge_learning_rate, momentum=cfg.momentum)
+        self.foundation_opt = optax.sgd(cfg.foundation_learning_rate, momentum=cfg.momentum)
+        self._const = parallel.put_replicated(
+            {"edge": edge_model.constants(), "foundation": foundation.constants()}, mesh)
+        replicated = parallel.replicated(mesh)
+        self._step = jax.jit(self._adapt, donate_argnums=0,
+                             in_shardings=(replicated, replicated, parallel.batch_sharded(mesh)),
+                             out_shardings=(replicated, replicated))
+        self.reset()
+
+    def reset(self) -> None:
+        edge, foundation = self.edge_model.source_norm_affine, self.foundation.source_norm_affine
+        self.state = parallel.put_replicated({
+            "edge": edge, "edge_opt": self.edge_opt.init(edge),
+            "foundation": foundation, "foundation_opt": self.foundation_opt.init(foundation),
+        }, self._mesh)
+        self.buffer.reset()
+        self._pending: list[np.ndarray] = []
+
+    def receive(self, upload: Upload) -> tuple[Download | None, list[float]]:
+        """Stores the clips, runs the steps they allow; returns the new edge parameters
+        (None if no step ran) and the edge loss of each step."""
+        cfg = self.cfg
+        self.buffer.add(upload.clips)
+        self._pending.extend(upload.clips)
+        step_losses = []
+        while len(self._pending) >= cfg.new_per_step:
+            new = np.stack(self._pending[:cfg.new_per_step])
+            del self._pending[:cfg.new_per_step]
+            if len(self.buffer) >= cfg.replay_from:
+                new = np.concatenate([new, self.buffer.sample(cfg.replay_per_step)])
+            step_losses.append(self._run_step(new))
+        if not step_losses and len(self.buffer) >= cfg.replay_from:  # a replay-only step
+            step_losses.append(self._run_step(
+                self.buffer.sample(cfg.new_per_step + cfg.replay_per_step)))
+        if not step_losses:
+            return None, []
+        return Download(jax.device_get(self.state["edge"])), step_losses
+
+    def _run_step(self, clips: np.ndarray) -> float:
+        rows = parallel.host_slice(len(clips))
+        self.state, loss = self._step(self.state, self._const,
+                                      parallel.to_global(clips[rows], self._mesh))
+        return float(loss)
+
+    def _adapt(self, state: dict[str, Any], const: dict[str, Any],
+               clips: jax.Array) -> tuple[dict[str, Any], jax.Array]:
+        """One cloud step: the foundation model by weighted entropy (L_f), then the edge
+        copy by weighted entropy plus distillation from the foundation's predictions (L_e)."""
+        cfg = self.cfg
+
+        def foundation_loss(params):
+            logits = self.foundation.logits(params, const["foundation"], clips)
+            ent = losses.entropy(logits)
+            return jnp.mean(losses.reliability_weight(ent, self.e0) * ent), (logits, ent)
+
+        (_, (f_logits, f_ent)), f_grads = jax.value_and_grad(
+            foundation_loss, has_aux=True)(state["foundation"])
+        w_f = losses.reliability_weight(f_ent, self.e0)
+
+        def edge_loss(params):
+            logits = self.edge_model.logits(params, const["edge"], clips)
+            ent = losses.entropy(logits)
+            kl, ce = losses.distillation(logits, f_logits, cfg.temperature)
+            return (cfg.alpha * jnp.mean(losses.reliability_weight(ent, self.e0) * ent)
+                    + cfg.beta * jnp.mean(w_f * kl) + cfg.gamma * jnp.mean(w_f * ce))
+
+        e_loss, e_grads = jax.value_and_grad(edge_loss)(state["edge"])
+        f_updates, f_opt = self.foundation_opt.update(f_grads, state["foundation_opt"],
+                                                      state["foundation"])
+        e_updates, e_opt = self.edge_opt.update(e_grads, state["edge_opt"], state["edge"])
+        return {"foundation": optax.apply_updates(state["foundation"], f_updates),
+                "foundation_opt": f_opt,
+                "edge": optax.apply_updates(state["edge"], e_updates),
+                "edge_opt": e_opt}, e_loss
+
+
+class CEMA:
+    """One edge and one cloud on a stream: predict, upload, adapt, download."""
+
+    def __init__(self, name: str, edge_model: Adaptable, foundation: Adaptable, mesh,
+                 cfg: ml_collections.ConfigDict, seed: int):
+        self.name = name
+        self.edge = Edge(edge_model, mesh, cfg)
+        self.cloud = Cloud(edge_model, foundation, mesh, cfg, seed)
+
+    def reset(self) -> None:
+        self.edge.reset()
+        self.cloud.reset()
+
+    def process(self, clips: jax.Array) -> BatchResult:
+        logits = self.edge.predict(clips)
+        upload, uploaded = self.edge.select(clips, logits)
+        download, step_losses = self.cloud.receive(upload)
+        if download is not None:
+            self.edge.receive(download)
+        return BatchResult(
+            logits, learned_from=uploaded, uploaded=uploaded,
+            loss=float(np.mean(step_losses)) if step_losses else float("nan"),
+            updated=download is not None, bytes_up=upload.nbytes,
+            bytes_down=download.nbytes if download is not None else 0,
+            cloud_steps=len(step_losses))
