@@ -97,7 +97,12 @@ def adapt_config() -> ml_collections.ConfigDict:
     """Online adaptation under corruptions (METHODS.md §2-4): the edge adapts, the teacher
     is CEMA's cloud foundation model. The defaults are the papers'."""
     from dmd_jax.data.corruptions import CORRUPTIONS
+    from dmd_jax.data.synthetic import CLASSES
 
+    # EATA's redundancy margin (0.05) is set for ImageNet's 1000 classes: a confident clip
+    # against a uniform average has cosine 1/sqrt(C), 0.03 there but 0.29 for 12 classes,
+    # where 0.05 rejects every clip after the first upload. Same multiple of 1/sqrt(C):
+    redundancy_margin = round(0.05 * (1000 / len(CLASSES)) ** 0.5, 2)
     return ml_collections.ConfigDict(dict(
         split="test",
         protocol="reset",  # 'reset' per corruption x severity, 'continual' or 'mixed'
@@ -113,7 +118,7 @@ def adapt_config() -> ml_collections.ConfigDict:
             learning_rate=2.5e-4,
             momentum=0.9,
             margin_factor=0.4,  # E0 = 0.4 ln C
-            redundancy_margin=0.05,
+            redundancy_margin=redundancy_margin,
             ema_decay=0.9,
             fisher_alpha=2000.0,
             fisher_split="train",  # clean clips for EATA's Fisher information
@@ -130,7 +135,7 @@ def adapt_config() -> ml_collections.ConfigDict:
             low_info_filter=True,  # H > e_min ln C
             e_min=0.02,
             redundancy_filter=True,  # |cos(m, p)| < redundancy_margin
-            redundancy_margin=0.05,
+            redundancy_margin=redundancy_margin,
             ema_decay=0.9,
             upload_all=False,  # cloud_all sets it
             buffer_size=10000,

@@ -124,8 +124,10 @@ class Edge:
 
     def select(self, clips: jax.Array, logits: np.ndarray) -> tuple[Upload, np.ndarray]:
         """The upload for this batch and the mask of the clips in it."""
-        probs = np.asarray(jax.nn.softmax(logits.astype(np.float64), axis=-1))
-        ent = -np.sum(probs * np.log(np.maximum(probs, 1e-30)), axis=-1)
+        shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        probs = np.exp(log_probs)
+        ent = -np.sum(probs * log_probs, axis=-1)
         keep = np.ones(len(logits), bool) if self.upload_all else self.filter.select(probs, ent)
         stored = parallel.fetch(clips)  # the clips as the edge stores them
         return Upload(np.asarray(stored)[keep]), keep
@@ -164,6 +166,11 @@ class Cloud:
                  cfg: ml_collections.ConfigDict, seed: int):
         if foundation.model.class_names != edge_model.model.class_names:
             raise ValueError("CEMA's foundation and edge models must predict the same classes")
+        if cfg.replay_from < cfg.new_per_step + cfg.replay_per_step:
+            raise ValueError(
+                f"config.adapt.cema.replay_from={cfg.replay_from} must be at least "
+                f"new_per_step + replay_per_step = {cfg.new_per_step + cfg.replay_per_step}: "
+                "a replay-only step samples that many clips from the buffer")
         self.edge_model, self.foundation, self.cfg, self._mesh = edge_model, foundation, cfg, mesh
         self.e0 = losses.reliability_margin(edge_model.num_classes, cfg.margin_factor)
         self.buffer = ReplayBuffer(cfg.buffer_size, seed)

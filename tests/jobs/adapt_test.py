@@ -1,0 +1,99 @@
+"""The adapt job end to end on the tiny dataset and models: contract, resumption, mixed
+streams, forced divergence, bad input."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import tiny_config
+from dmd_jax.jobs import adapt
+
+
+def adapt_config(data_dir, root, **overrides):
+    base = {"job": "adapt", "edge.path": f"{root}/edge/model",
+            "cloud.path": f"{root}/teacher/model"}
+    return tiny_config(data_dir, **{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def mixed_run(data_dir, tiny_pipeline, tmp_path_factory):
+    """Every method on a mixed stream of the tiny config's two corruptions."""
+    workdir = str(tmp_path_factory.mktemp("adapt"))
+    config = adapt_config(data_dir, tiny_pipeline, **{"adapt.protocol": "mixed"})
+    return config, workdir, adapt.run(config, workdir)
+
+
+def test_summary_contract(mixed_run):
+    config, workdir, summary = mixed_run
+    conditions = {f"{c}@5" for c in config.adapt.corruptions}
+    assert set(summary["methods"]) == set(config.adapt.methods)
+    for name, method in summary["methods"].items():
+        assert set(method["corruptions"]) == conditions
+        for cond in method["corruptions"].values():
+            for key in ("accuracy", "upload_fraction", "bytes_up", "bytes_down"):
+                assert key in cond
+        accuracies = [c["accuracy"] for c in method["corruptions"].values()]
+        assert method["accuracy"] == pytest.approx(np.mean(accuracies))
+    clip_bytes = 8 * 32 * 32 * 3
+    cloud_all = summary["methods"]["cloud_all"]
+    assert cloud_all["upload_fraction"] == 1.0
+    assert cloud_all["bytes_up"] == 2 * 32 * clip_bytes  # every clip of both corruptions
+    assert cloud_all["cloud_steps"] > 0 and cloud_all["bytes_down"] > 0
+    for name in ("source", "norm", "tent", "eata", "sar"):
+        assert summary["methods"][name]["upload_fraction"] == 0.0
+        assert summary["methods"][name]["bytes_up"] == 0.0
+    assert summary["methods"]["tent"]["learned_from_fraction"] == 1.0
+    on_disk = json.load(open(os.path.join(workdir, "summary.json")))
+    assert on_disk["methods"]["norm"]["accuracy"] == summary["methods"]["norm"]["accuracy"]
+    report = open(os.path.join(workdir, "report.md")).read()
+    assert "| cloud_all |" in report and "gaussian_noise@5" in report and "mPC" in report
+    assert os.path.getsize(os.path.join(workdir, "accuracy_vs_upload.png")) > 1000
+
+
+def test_predictions_on_disk_reproduce_the_summary(mixed_run):
+    config, workdir, summary = mixed_run
+    for name in config.adapt.methods:
+        rows = np.load(os.path.join(workdir, "mixed", name, "mixed.npz"))
+        assert len(rows["id"]) == 2 * 32 and len(rows["loss"]) == 8
+        for cond, stats in summary["methods"][name]["corruptions"].items():
+            keep = rows["condition"] == cond
+            assert np.mean(rows["prediction"][keep] == rows["label"][keep]) == pytest.approx(
+                stats["accuracy"])
+
+
+def test_mixed_stream_interleaves_corruptions(mixed_run):
+    _, workdir, _ = mixed_run
+    rows = np.load(os.path.join(workdir, "mixed", "norm", "mixed.npz"))
+    per_batch = rows["condition"].reshape(8, 8)
+    assert any(len(set(batch)) > 1 for batch in per_batch)
+    for cond in set(rows["condition"]):  # every clip once per corruption
+        assert sorted(rows["id"][rows["condition"] == cond]) == list(range(32))
+
+
+def test_rerun_resumes_from_the_streams_on_disk(mixed_run, capsys):
+    config, workdir, summary = mixed_run
+    path = os.path.join(workdir, "mixed", "cema", "mixed.npz")
+    before = os.path.getmtime(path)
+    again = adapt.run(config, workdir)
+    assert os.path.getmtime(path) == before
+    assert "[adapt] cema " not in capsys.readouterr().out  # nothing re-ran
+    assert again["methods"] == json.loads(json.dumps(summary["methods"]))
+
+
+def test_divergence_is_detected_logged_and_reset(data_dir, tiny_pipeline, tmp_path, capsys):
+    config = adapt_config(data_dir, tiny_pipeline, **{
+        "adapt.methods": ("tent",), "adapt.corruptions": ("gaussian_noise",),
+        "adapt.tta.learning_rate": 1e30})
+    summary = adapt.run(config, str(tmp_path))
+    assert summary["methods"]["tent"]["stability_resets"] >= 1
+    assert "resetting to the source model" in capsys.readouterr().out
+    rows = np.load(tmp_path / "reset" / "tent" / "gaussian_noise@5.npz")
+    assert any(reason.startswith("non-finite") for reason in rows["stability_reset"])
+
+
+def test_unknown_method_is_one_clear_error(data_dir, tiny_pipeline, tmp_path):
+    config = adapt_config(data_dir, tiny_pipeline, **{"adapt.methods": ("tent", "memo")})
+    with pytest.raises(ValueError, match="unknown adaptation methods \\['memo'\\]"):
+        adapt.run(config, str(tmp_path))

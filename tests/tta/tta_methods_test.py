@@ -1,0 +1,244 @@
+"""The adaptation methods on a small random X3D: what they update, their filters and
+resets, CEMA's message boundary and accounting, and that a stream compiles each step once."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from dmd_jax import models, parallel
+from dmd_jax.model_store import LoadedModel
+from dmd_jax.tta import baselines, cema, losses
+from dmd_jax.tta.adaptable import Adaptable, num_bytes, split_norm_affine
+from conftest import tiny_config
+
+CLIP = (4, 16, 16, 3)
+NUM_CLASSES = 5
+
+
+def random_model(seed: int, width: float = 0.25) -> Adaptable:
+    config = tiny_config("").model
+    config.width_factor = width
+    module = models.build(config, NUM_CLASSES)
+    variables = module.init(jax.random.key(seed), jnp.zeros((1, *CLIP)))
+    names = tuple(f"class_{i}" for i in range(NUM_CLASSES))
+    return Adaptable.of(LoadedModel(module, dict(variables), config, names, CLIP, "random"))
+
+
+def clips(seed: int, batch: int = 8) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (batch, *CLIP), dtype=np.uint8)
+
+
+def settings() -> ml_collections.ConfigDict:
+    config = tiny_config("").adapt
+    config.tta.learning_rate = 1.0  # large enough to move a random model in one step
+    config.cema.update(edge_learning_rate=1.0)
+    return config
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return parallel.make_mesh()
+
+
+@pytest.fixture(scope="module")
+def edge():
+    return random_model(0)
+
+
+def on_mesh(batch: np.ndarray, mesh) -> jax.Array:
+    return parallel.to_global(batch, mesh)
+
+
+def test_only_norm_scale_and_bias_are_adapted(edge):
+    affine, frozen = split_norm_affine(edge.model.variables["params"])
+    assert affine and all(k.rsplit("/", 1)[-1] in ("scale", "bias") for k in affine)
+    assert all("norm" in k for k in affine)  # X3D names every BatchNorm *norm*
+    assert not any("norm" in k for k in frozen)
+    assert any(k.endswith("kernel") for k in frozen)
+
+
+def test_adaptable_normalises_with_the_batch_and_without_dropout(edge, mesh):
+    x = jnp.asarray(clips(1))
+    running = edge.model.classify(x)[0]
+    from_batch = edge.logits(edge.source_norm_affine, edge.constants(), x)
+    assert not np.allclose(running, from_batch, atol=1e-4)  # statistics of this batch
+    again = edge.logits(edge.source_norm_affine, edge.constants(), x)
+    np.testing.assert_array_equal(from_batch, again)  # deterministic: no dropout
+    half = edge.logits(edge.source_norm_affine, edge.constants(), x[:4])
+    assert not np.allclose(from_batch[:4], half, atol=1e-5)  # depends on the batch
+
+
+def test_losses():
+    uniform = jnp.zeros((2, NUM_CLASSES))
+    np.testing.assert_allclose(losses.entropy(uniform), np.log(NUM_CLASSES), rtol=1e-6)
+    logits = jax.random.normal(jax.random.key(0), (3, NUM_CLASSES))
+    kl, ce = losses.distillation(logits, logits)
+    np.testing.assert_allclose(kl, 0.0, atol=1e-6)
+    np.testing.assert_allclose(ce, -jax.nn.log_softmax(logits).max(-1), rtol=1e-6)
+    assert float(losses.masked_mean(jnp.ones(4), jnp.zeros(4, bool))) == 0.0
+
+
+def test_tent_predicts_before_it_updates_and_only_moves_norm_affine(edge, mesh):
+    tent, norm = baselines.Tent(edge, mesh, settings().tta), baselines.Norm(edge, mesh)
+    first, second = on_mesh(clips(2), mesh), on_mesh(clips(3), mesh)
+    np.testing.assert_allclose(tent.process(first).logits, norm.process(first).logits,
+                               rtol=1e-5, atol=1e-5)
+    result = tent.process(second)
+    assert not np.allclose(result.logits, norm.process(second).logits, atol=1e-4)
+    assert result.updated and np.isfinite(result.loss) and result.learned_from.all()
+    changed = [k for k, v in tent.state["params"].items()
+               if not np.allclose(v, edge.source_norm_affine[k])]
+    assert changed and set(changed) <= set(edge.source_norm_affine)
+    tent.reset()
+    np.testing.assert_allclose(tent.process(first).logits, norm.process(first).logits,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_eata_filters_unreliable_and_redundant_clips():
+    margin = 0.5
+    probs = jnp.asarray([[0.98, 0.01, 0.01], [0.01, 0.98, 0.01], [0.34, 0.33, 0.33]])
+    ent = losses.entropy(jnp.log(probs))
+    first = baselines.select_reliable_novel(ent, probs, margin, jnp.zeros(3), jnp.array(False), 0.05)
+    assert first.tolist() == [True, True, False]  # the near-uniform clip is unreliable
+    ema = jnp.asarray([1.0, 0.0, 0.0])
+    later = baselines.select_reliable_novel(ent, probs, margin, ema, jnp.array(True), 0.05)
+    assert later.tolist() == [False, True, False]  # the first is redundant with the average
+    new, has = baselines.update_probs_ema(jnp.zeros(3), jnp.array(False), probs,
+                                          jnp.asarray([True, False, False]), 0.9)
+    np.testing.assert_allclose(new, probs[0]) and bool(has)
+    kept, _ = baselines.update_probs_ema(new, has, probs, jnp.zeros(3, bool), 0.9)
+    np.testing.assert_allclose(kept, new)  # nothing selected: unchanged
+
+
+def test_eata_fisher_penalty_anchors_to_the_source(edge, mesh):
+    batches = [on_mesh(clips(4), mesh)]
+    eata = baselines.EATA(edge, mesh, settings().tta, batches)
+    fisher = jax.device_get(eata.const["fisher"])
+    assert all(np.all(f >= 0) for f in fisher.values()) and any(f.sum() > 0 for f in fisher.values())
+    source = edge.source_norm_affine
+    assert float(baselines.fisher_penalty(source, source, fisher)) == 0.0
+    moved = {k: v + 1.0 for k, v in source.items()}
+    assert float(baselines.fisher_penalty(moved, source, fisher)) > 0.0
+
+
+def test_sar_resets_itself_when_its_loss_average_falls_below_the_bound(edge, mesh):
+    config = settings().tta
+    config.margin_factor = 10.0  # every clip reliable
+    config.reset_loss_ema = 1e9  # any loss average is "below": reset after the first step
+    sar = baselines.SAR(edge, mesh, config)
+    result = sar.process(on_mesh(clips(5), mesh))
+    assert result.self_resets == 1
+    for k, v in jax.device_get(sar.state["params"]).items():
+        np.testing.assert_array_equal(v, edge.source_norm_affine[k])
+
+
+def filter_settings(**overrides) -> ml_collections.ConfigDict:
+    config = settings().cema
+    config.update(warmup_clips=4, **overrides)
+    return config
+
+
+def test_upload_filter_thresholds():
+    probs = np.asarray([[0.9, 0.05, 0.05, 0, 0], [0.2] * 5, [1.0, 0, 0, 0, 0]]) + 1e-9
+    ent = -np.sum(probs * np.log(probs), -1)
+    f = cema.UploadFilter(NUM_CLASSES, filter_settings(redundancy_filter=False, dynamic_emax=False))
+    # reliable (H < 0.4 ln 5 = 0.64) and informative (H > 0.02 ln 5): only the first
+    assert f.select(probs, ent).tolist() == [True, False, False]
+    f = cema.UploadFilter(NUM_CLASSES, filter_settings(low_info_filter=False,
+                                                       redundancy_filter=False))
+    assert f.e_max() == pytest.approx(f.e0)
+    f.select(probs, ent)
+    f.select(probs, ent)  # 6 clips seen: warm-up over, mean H unchanged since
+    assert f.e_max() == pytest.approx(f.e0 * 0.6)
+    f.select(probs[1:2].repeat(6, 0), ent[1:2].repeat(6))  # entropy rises -> E_max rises
+    assert f.e_max() > f.e0 * 0.6
+
+
+def test_upload_filter_redundancy():
+    probs = np.asarray([[0.96, 0.01, 0.01, 0.01, 0.01], [0.01, 0.96, 0.01, 0.01, 0.01]])
+    ent = -np.sum(probs * np.log(probs), -1)
+    f = cema.UploadFilter(NUM_CLASSES, filter_settings(dynamic_emax=False))
+    assert f.select(probs[:1], ent[:1]).tolist() == [True]
+    assert f.select(probs, ent).tolist() == [False, True]  # the first repeats the average
+
+
+def test_cema_message_boundary_and_accounting(mesh):
+    edge_model, foundation = random_model(0), random_model(1, width=0.5)
+    config = settings().cema
+    config.update(upload_all=True, new_per_step=8, replay_per_step=8, replay_from=16)
+    method = cema.CEMA("cloud_all", edge_model, foundation, mesh, config, seed=0)
+    results = [method.process(on_mesh(clips(10 + i), mesh)) for i in range(3)]
+    clip_bytes = int(np.prod(CLIP))
+    down_bytes = num_bytes(edge_model.source_norm_affine)
+    assert [r.bytes_up for r in results] == [8 * clip_bytes] * 3
+    assert [r.cloud_steps for r in results] == [1, 1, 1]
+    assert [r.bytes_down for r in results] == [down_bytes] * 3
+    assert len(method.cloud.buffer) == 24
+    # the edge holds exactly what came down, and the cloud's copy is what went down
+    edge_params = jax.device_get(method.edge.norm_affine)
+    cloud_params = jax.device_get(method.cloud.state["edge"])
+    for k in edge_params:
+        np.testing.assert_array_equal(edge_params[k], cloud_params[k])
+    assert any(not np.allclose(edge_params[k], edge_model.source_norm_affine[k])
+               for k in edge_params)
+    method.reset()
+    assert len(method.cloud.buffer) == 0
+
+
+def test_cema_replay_only_step_when_nothing_new_arrives(mesh):
+    config = settings().cema
+    config.update(new_per_step=8, replay_per_step=8, replay_from=16)
+    cloud = cema.Cloud(random_model(0), random_model(1), mesh, config, seed=0)
+    assert cloud.receive(cema.Upload(clips(20, batch=4))) == (None, [])  # too few to step
+    download, steps = cloud.receive(cema.Upload(clips(21, batch=12)))
+    assert download is not None and len(steps) == 2  # 16 new clips: two steps
+    download, steps = cloud.receive(cema.Upload(clips(22, batch=0)))
+    assert download is not None and len(steps) == 1  # replayed 16 clips from the buffer
+    config.replay_from = 8
+    with pytest.raises(ValueError, match="replay_from"):
+        cema.Cloud(random_model(0), random_model(1), mesh, config, seed=0)
+
+
+class CompileCounter:
+    """Counts jit traces and backend compilations while active."""
+
+    def __init__(self):
+        self.events = 0
+
+    def __call__(self, event, duration, **kwargs):
+        if event in ("/jax/core/compile/jaxpr_trace_duration",
+                     "/jax/core/compile/backend_compile_duration"):
+            self.events += 1
+
+    def __enter__(self):
+        jax.monitoring.register_event_duration_secs_listener(self)
+        return self
+
+    def __exit__(self, *exc):
+        jax.monitoring.unregister_event_duration_listener(self)
+
+
+def test_every_method_compiles_once_over_a_stream(edge, mesh):
+    """A second pass over a stream (after reset) compiles nothing: each step was jitted
+    once per shape during the first."""
+    config = settings()
+    config.cema.update(new_per_step=8, replay_per_step=8, replay_from=16)
+    stream = [on_mesh(clips(30 + i), mesh) for i in range(4)]
+    foundation = random_model(1, width=0.5)
+    methods = [baselines.Source(edge, mesh), baselines.Norm(edge, mesh),
+               baselines.Tent(edge, mesh, config.tta),
+               baselines.EATA(edge, mesh, config.tta, stream[:1]),
+               baselines.SAR(edge, mesh, config.tta),
+               cema.CEMA("cloud_all", edge, foundation, mesh,
+                         ml_collections.ConfigDict({**config.cema.to_dict(), "upload_all": True}),
+                         seed=0)]
+    for method in methods:
+        for batch in stream:
+            method.process(batch)
+        method.reset()
+        with CompileCounter() as counter:
+            for batch in stream:
+                method.process(batch)
+        assert counter.events == 0, f"{method.name} recompiled during the stream"
