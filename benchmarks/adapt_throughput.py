@@ -1,0 +1,158 @@
+"""Adaptation throughput: stream clips/s of source, tent, cema and cloud_all (dmd_jax),
+with source and tent also run by PyTorch on pytorchvideo's X3D in the same process.
+
+    python benchmarks/adapt_throughput.py [--edge DIR --cloud DIR] [--batches 16]
+
+The models are the demo's (`--edge`/`--cloud`, default `runs/demo/{edge,teacher}/model`);
+where those are missing, randomly initialised models of the demo's architectures (then
+CEMA's edge is too unsure to upload anything and runs at the speed of its forward pass:
+the upload column says so). The stream is the demo's test split under gaussian_noise
+severity 5, corrupted once up front so that only the method is timed. Each method runs
+the stream once to compile every shape, is reset, and is timed over the whole stream
+again, cloud steps and host-side filtering included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from configs import demo  # noqa: E402
+from dmd_jax import model_store, models, parallel  # noqa: E402
+from dmd_jax.data import corruptions, synthetic  # noqa: E402
+from dmd_jax.model_store import LoadedModel  # noqa: E402
+from dmd_jax.references import pytorchvideo_create_x3d  # noqa: E402
+from dmd_jax.tta import baselines, cema  # noqa: E402
+from dmd_jax.tta.adaptable import Adaptable  # noqa: E402
+
+CLIP = (8, 32, 32, 3)
+
+
+def load_or_random(path: str, arch: dict, seed: int) -> tuple[LoadedModel, str]:
+    if os.path.exists(os.path.join(path, "model.json")):
+        return model_store.load(path), path
+    config = demo.model_config(arch)
+    module = models.build(config, len(synthetic.CLASSES))
+    variables = module.init(jax.random.key(seed), jnp.zeros((1, *CLIP)))
+    return LoadedModel(module, dict(variables), config, synthetic.CLASSES, CLIP,
+                       "random"), "random init"
+
+
+def corrupted_stream(batches: int, batch: int, mesh) -> list[jax.Array]:
+    """Synthetic clips under gaussian_noise@5, on the mesh."""
+    render = synthetic.RenderConfig(frames=CLIP[0], height=CLIP[1], width=CLIP[2])
+    rng = np.random.default_rng(0)
+    clips = np.stack([synthetic.render_clip(rng, int(rng.integers(len(synthetic.CLASSES))),
+                                            render)[0] for _ in range(batches * batch)])
+    ids = jnp.arange(len(clips))
+    clips = corruptions.corrupt_clips(jnp.asarray(clips), ids, "gaussian_noise", 5, seed=0)
+    return [parallel.to_global(np.asarray(clips[i:i + batch]), mesh)
+            for i in range(0, len(clips), batch)]
+
+
+def time_stream(method, stream) -> tuple[float, float]:
+    """(clips/s, upload fraction) over the stream, after a first pass that compiles."""
+    for clips in stream:
+        method.process(clips)
+    method.reset()
+    uploaded, start = 0, time.perf_counter()
+    for clips in stream:
+        uploaded += int(method.process(clips).uploaded.sum())
+    clips_total = sum(c.shape[0] for c in stream)
+    return clips_total / (time.perf_counter() - start), uploaded / clips_total
+
+
+def torch_rates(arch: dict, stream: list[np.ndarray], lr: float) -> dict[str, float]:
+    """PyTorch references: source (eval forward) and Tent (BN from the batch, entropy,
+    backward, SGD momentum on the BN affine parameters), the official algorithm."""
+    import torch
+    model = pytorchvideo_create_x3d()(
+        input_clip_length=CLIP[0], input_crop_size=CLIP[1], model_num_class=len(synthetic.CLASSES),
+        dropout_rate=0.0, width_factor=arch["width_factor"], depth_factor=arch["depth_factor"],
+        head_dim_out=arch["head_dim"], head_activation=None)
+    mean, std = torch.tensor(0.45), torch.tensor(0.225)
+    inputs = [((torch.from_numpy(np.array(c)).float() / 255 - mean) / std).permute(0, 4, 1, 2, 3)
+              for c in stream]
+    rates = {}
+
+    model.eval()
+    with torch.no_grad():
+        model(inputs[0])
+        start = time.perf_counter()
+        for x in inputs:
+            model(x).argmax(-1)
+    rates["source"] = sum(len(x) for x in inputs) / (time.perf_counter() - start)
+
+    model.train()  # BatchNorm from the batch; dropout is 0
+    affine = [p for m in model.modules() if isinstance(m, torch.nn.BatchNorm3d)
+              for p in (m.weight, m.bias)]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in affine:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(affine, lr=lr, momentum=0.9)
+
+    def tent_step(x):
+        logits = model(x)
+        loss = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return logits.argmax(-1)
+
+    tent_step(inputs[0])
+    start = time.perf_counter()
+    for x in inputs:
+        tent_step(x)
+    rates["tent"] = sum(len(x) for x in inputs) / (time.perf_counter() - start)
+    return rates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--edge", default="runs/demo/edge/model")
+    parser.add_argument("--cloud", default="runs/demo/teacher/model")
+    parser.add_argument("--batches", type=int, default=16)
+    args = parser.parse_args()
+    config = demo.get_config("adapt").adapt
+    mesh = parallel.make_mesh()
+    edge_model, edge_from = load_or_random(args.edge, demo.EDGE, 0)
+    cloud_model, cloud_from = load_or_random(args.cloud, demo.TEACHER, 1)
+    edge, cloud = Adaptable.of(edge_model), Adaptable.of(cloud_model)
+    stream = corrupted_stream(args.batches, config.batch_size, mesh)
+
+    import torch
+    print(f"# machine: {platform.processor() or platform.machine()}, {jax.device_count()} JAX "
+          f"{jax.default_backend()} device(s), torch threads {torch.get_num_threads()}, "
+          f"jax {jax.__version__}, torch {torch.__version__}")
+    print(f"# edge: {edge_from}; cloud: {cloud_from}; stream: {args.batches} batches of "
+          f"{config.batch_size}, gaussian_noise@5")
+    reference = torch_rates(demo.EDGE, [jax.device_get(c) for c in stream],
+                            config.tta.learning_rate)
+    methods = {
+        "source": baselines.Source(edge, mesh),
+        "tent": baselines.Tent(edge, mesh, config.tta),
+        "cema": cema.CEMA("cema", edge, cloud, mesh, config.cema, config.seed),
+        "cloud_all": cema.CEMA("cloud_all", edge, cloud, mesh,
+                               type(config.cema)({**config.cema.to_dict(), "upload_all": True}),
+                               config.seed),
+    }
+    print("| method | dmd_jax stream clips/s | upload | PyTorch clips/s | ratio |")
+    print("|---|---|---|---|---|")
+    for name, method in methods.items():
+        rate, upload = time_stream(method, stream)
+        ref = reference.get(name)
+        ref_cells = f"{ref:.0f} | {rate / ref:.2f}x" if ref else "- | -"
+        print(f"| {name} | {rate:.0f} | {upload:.1%} | {ref_cells} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
