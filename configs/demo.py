@@ -7,11 +7,14 @@ One stage at a time (each resumes if killed; the paths below are the defaults):
     python -m dmd_jax.main --config configs/demo.py:label --workdir runs/demo/label
     python -m dmd_jax.main --config configs/demo.py:switcher --workdir runs/demo/switcher
     python -m dmd_jax.main --config configs/demo.py:hybrid --workdir runs/demo/hybrid
+    python -m dmd_jax.main --config configs/demo.py:adapt --workdir runs/demo/adapt
 
 Variants (`file.py:arg`): `edge` (default) trains the tiny X3D edge; `teacher` the ~8x
 larger X3D the hybrid system defers to (the cloud model); `label`, `switcher` and
-`hybrid` run the DMD stages on their outputs; `tiny` is a seconds-long `train` run for
-smoke tests (its data and models are tiny; set `job` to run another stage on it).
+`hybrid` run the DMD stages on their outputs; `adapt` adapts the edge under corrupted
+video (CEMA, with the teacher as its cloud, and the baselines); `pipeline` runs them all;
+`tiny` is a seconds-long `train` run for smoke tests (its data and models are tiny; set
+`job` to run another stage on it).
 """
 
 import ml_collections
@@ -51,7 +54,11 @@ def model_config(arch: dict) -> ml_collections.ConfigDict:
 VARIANTS = {"edge": "train", "teacher": "train", "label": "label",
             "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "tiny": "train",
             "adapt": "adapt", "pipeline": "pipeline", "tiny_pipeline": "pipeline"}
-PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid")
+PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
+# The pipeline's adapt stage is a short look (~2 min on 2 CPU cores); the full comparison
+# (every method, all 15 corruptions) is `configs/demo.py:adapt`.
+PIPELINE_ADAPT = dict(corruptions=("gaussian_noise", "defocus_blur", "fog", "jpeg"),
+                      methods=("source", "norm", "tent", "cema"))
 
 
 def dmd_config(runs: str) -> ml_collections.ConfigDict:
@@ -178,6 +185,10 @@ def pipeline_config(tiny: bool) -> ml_collections.ConfigDict:
         stage_cfg = stage_config(stage, tiny)
         for shared in ("data", "seed", "num_devices"):
             del stage_cfg[shared]
+        if stage == "adapt":
+            stage_cfg.adapt.update(PIPELINE_ADAPT)
+            if tiny:
+                stage_cfg.adapt.corruptions = ("gaussian_noise",)
         config.stages[stage] = stage_cfg
     return config
 

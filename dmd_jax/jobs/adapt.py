@@ -240,7 +240,9 @@ def summarize(results: dict[str, dict[str, dict[str, np.ndarray]]], clean_accura
                                           / sum(s["seconds"] for s in per_stream.values())),
             "corruptions": conditions,
         }
-    return {"protocol": cfg.protocol, "severities": list(cfg.severities),
+    return {"mpc": {name: m["accuracy"] for name, m in methods.items()},
+            "upload": {name: m["upload_fraction"] for name, m in methods.items()},
+            "protocol": cfg.protocol, "severities": list(cfg.severities),
             "corruptions": list(cfg.corruptions), "batch_size": cfg.batch_size,
             "clean_accuracy": clean_accuracy, "methods": methods,
             "settings": {"tta": cfg.tta.to_dict(), "cema": cfg.cema.to_dict(),
@@ -283,27 +285,33 @@ def _log_stream(name: str, stream: str, outcome: dict[str, np.ndarray]) -> None:
                   + (f"  {resets} stability resets" if resets else ""))
 
 
-def markdown(summary: dict[str, Any]) -> str:
-    """report.md: the headline table, the settings, then accuracy per corruption."""
-    methods = summary["methods"]
-    conditions = sorted(next(iter(methods.values()))["corruptions"])
+def headline_table(summary: dict[str, Any]) -> list[str]:
+    """One row per method: mPC, rPC, upload, bytes, cloud steps, resets, speed."""
     lines = [
-        f"# Online adaptation: protocol `{summary['protocol']}`, severities "
-        f"{summary['severities']}, stream batch {summary['batch_size']}", "",
-        f"Ran on {summary.get('devices')}. Accuracy is of the predictions each method made "
-        "before adapting on the batch. mPC: mean accuracy over the corruptions; rPC: mPC / "
-        f"the source model's clean accuracy ({summary['clean_accuracy']:.3f}). Upload: "
-        "fraction of the stream's clips sent to the cloud (CEMA); learned from: fraction "
-        "the adaptation used.", "",
+        f"Protocol `{summary['protocol']}`, severities {summary['severities']}, corruptions "
+        f"{len(summary['corruptions'])}, stream batch {summary['batch_size']}. Accuracy is of "
+        "the predictions each method made before adapting on the batch. mPC: mean accuracy "
+        "over the corruptions; rPC: mPC / the source model's clean accuracy "
+        f"({summary['clean_accuracy']:.3f}). Upload: fraction of the stream's clips sent to "
+        "the cloud (CEMA); learned from: fraction the adaptation used.", "",
         "| method | mPC | rPC | upload | learned from | MB up | KB down | cloud steps | "
         "stability resets | clips/s |",
         "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, m in methods.items():
+    for name, m in summary["methods"].items():
         lines.append(
             f"| {name} | {m['accuracy']:.4f} | {m['rpc']:.3f} | {m['upload_fraction']:.1%} | "
             f"{m['learned_from_fraction']:.1%} | {m['bytes_up'] / 1e6:.2f} | "
             f"{m['bytes_down'] / 1e3:.1f} | {m['cloud_steps']:.0f} | {m['stability_resets']} | "
             f"{m['stream_clips_per_sec']:.0f} |")
+    return lines
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """report.md: the headline table, accuracy per corruption, the settings."""
+    methods = summary["methods"]
+    conditions = sorted(next(iter(methods.values()))["corruptions"])
+    lines = ["# Online adaptation under corruptions", "",
+             f"Ran on {summary.get('devices')}.", "", *headline_table(summary)]
     lines += ["", "## Accuracy per corruption", "",
               "| corruption | " + " | ".join(methods) + " |",
               "|---|" + "---|" * len(methods)]

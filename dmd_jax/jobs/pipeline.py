@@ -1,6 +1,6 @@
 """The `pipeline` job: the whole experiment, stage after stage, in one workdir.
 
-    edge -> teacher -> label -> switcher -> hybrid      (config.stage_order)
+    edge -> teacher -> label -> switcher -> hybrid -> adapt     (config.stage_order)
 
 Each stage runs its own job on its own config (`config.stages.<name>`) in
 `WORKDIR/<name>/`, with the shared `data`, `seed` and `num_devices`, and with its inputs
@@ -26,7 +26,7 @@ JOBS = {"train": train.run, "label": label.run, "train_switcher": switcher.run,
         "evaluate_hybrid": hybrid.run, "adapt": adapt.run}
 HEADLINES = ("eval_accuracy", "steps", "examples_per_sec", "param_fingerprint", "num_labelled",
              "agreement_rate", "switcher_auroc", "edge_accuracy", "cloud_accuracy",
-             "operating_point")
+             "operating_point", "mpc", "upload")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -55,13 +55,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
 
 def report(summary: dict[str, Any], workdir: str) -> str:
-    """REPORT.md: what ran, the models, the hybrid system, the routers, the figure."""
+    """REPORT.md: what ran, the models, the hybrid system, the routers, adaptation."""
     lines = [f"# dmd_jax pipeline report: `{workdir}`", "",
              f"Ran on {summary['devices']}.", "",
              "| stage | headline | seconds |", "|---|---|---|"]
     for name, stage in summary["stages"].items():
         headline = ", ".join(f"{k} {_short(v)}" for k, v in stage.items()
-                             if k not in ("seconds", "operating_point", "param_fingerprint"))
+                             if k not in ("seconds", "operating_point", "param_fingerprint",
+                                          "mpc", "upload"))
         lines.append(f"| {name} | {headline} | {stage['seconds']:.0f} |")
     hybrid_dir = os.path.join(workdir, "hybrid")
     if "hybrid" in summary["stages"]:
@@ -78,7 +79,13 @@ def report(summary: dict[str, Any], workdir: str) -> str:
                   f"{point['gflops_per_clip']:.4f} | {point['offload_rate']:.3f} |",
                   "", "## Routers", "", hybrid.markdown(result),
                   "![deferral curves](hybrid/deferral.png)", ""]
-    lines += ["Online adaptation under corruptions (CEMA) is not part of the pipeline yet.", ""]
+    if "adapt" in summary["stages"]:
+        with open(os.path.join(workdir, "adapt", "summary.json")) as f:
+            result = json.load(f)
+        lines += ["## Online adaptation under corruptions (edge adapted; CEMA's cloud is the "
+                  "teacher)", "", *adapt.headline_table(result), "",
+                  "Per corruption: `adapt/report.md`.",
+                  "![accuracy vs upload](adapt/accuracy_vs_upload.png)", ""]
     return "\n".join(lines)
 
 

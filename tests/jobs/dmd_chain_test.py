@@ -38,7 +38,12 @@ def test_pipeline_report(runs):
     assert "| hybrid (DMD switcher) |" in report and "| dmd_switcher |" in report
     assert "![deferral curves](hybrid/deferral.png)" in report
     assert os.path.exists(f"{root}/hybrid/deferral.png")
-    assert json.load(open(f"{root}/summary.json"))["devices"]["device_count"] == 8
+    summary = json.load(open(f"{root}/summary.json"))
+    assert summary["devices"]["device_count"] == 8
+    # the adapt stage: its table in REPORT.md, its mPC per method in summary.json
+    assert "## Online adaptation under corruptions" in report and "| cema |" in report
+    assert set(summary["stages"]["adapt"]["mpc"]) == {"source", "norm", "tent", "cema"}
+    assert os.path.exists(f"{root}/adapt/accuracy_vs_upload.png")
 
 
 def test_label_outputs(runs):
