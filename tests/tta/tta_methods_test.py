@@ -21,7 +21,7 @@ def random_model(seed: int, width: float = 0.25) -> Adaptable:
     config = tiny_config("").model
     config.width_factor = width
     module = models.build(config, NUM_CLASSES)
-    variables = module.init(jax.random.key(seed), jnp.zeros((1, *CLIP)))
+    variables = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, *CLIP)))
     names = tuple(f"class_{i}" for i in range(NUM_CLASSES))
     return Adaptable.of(LoadedModel(module, dict(variables), config, names, CLIP, "random"))
 
@@ -61,12 +61,13 @@ def test_only_norm_scale_and_bias_are_adapted(edge):
 
 def test_adaptable_normalises_with_the_batch_and_without_dropout(edge, mesh):
     x = jnp.asarray(clips(1))
-    running = edge.model.classify(x)[0]
-    from_batch = edge.logits(edge.source_norm_affine, edge.constants(), x)
+    running = jax.jit(lambda x: edge.model.classify(x)[0])(x)
+    logits = jax.jit(edge.logits)
+    from_batch = logits(edge.source_norm_affine, edge.constants(), x)
     assert not np.allclose(running, from_batch, atol=1e-4)  # statistics of this batch
-    again = edge.logits(edge.source_norm_affine, edge.constants(), x)
+    again = logits(edge.source_norm_affine, edge.constants(), x)
     np.testing.assert_array_equal(from_batch, again)  # deterministic: no dropout
-    half = edge.logits(edge.source_norm_affine, edge.constants(), x[:4])
+    half = logits(edge.source_norm_affine, edge.constants(), x[:4])
     assert not np.allclose(from_batch[:4], half, atol=1e-5)  # depends on the batch
 
 
