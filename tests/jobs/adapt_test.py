@@ -97,3 +97,17 @@ def test_unknown_method_is_one_clear_error(data_dir, tiny_pipeline, tmp_path):
     config = adapt_config(data_dir, tiny_pipeline, **{"adapt.methods": ("tent", "memo")})
     with pytest.raises(ValueError, match="unknown adaptation methods \\['memo'\\]"):
         adapt.run(config, str(tmp_path))
+
+
+def test_collapse_is_judged_against_the_predictions_before_adapting():
+    from dmd_jax.tta.baselines import BatchResult
+
+    collapsed = np.zeros((10, 4))
+    collapsed[:, 2] = 5.0  # every clip predicted as class 2
+    result = BatchResult(collapsed, np.ones(10, bool), np.zeros(10, bool), loss=0.1, updated=True)
+    assert "collapse" in adapt.health_problem(result, True, 0.9, before=0.3)
+    assert adapt.health_problem(result, True, 0.9, before=0.95) is None  # was so already
+    assert adapt.health_problem(result, False, 0.9, before=0.3) is None  # not adapted yet
+    nan = BatchResult(collapsed, np.ones(10, bool), np.zeros(10, bool), loss=float("nan"),
+                      updated=True)
+    assert "non-finite" in adapt.health_problem(nan, False, 0.9, before=0.3)
