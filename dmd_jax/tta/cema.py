@@ -6,9 +6,13 @@ Two objects with an explicit message boundary, as on real hardware:
   reliable (`H < E_max(t)`), informative (`H > E_min ln C`) and not redundant, and sends
   them up as an `Upload` of uint8 clips, exactly as stored. It never computes a gradient.
 - `Cloud` holds the replay buffer, the foundation model, a copy of the edge model and
-  both optimiser states. On every 32 new clips (plus 96 replayed once the buffer holds
-  256) it adapts the foundation model by weighted entropy and distils it into the edge
-  copy's normalisation parameters, which go back down as a `Download`.
+  both optimiser states. On every 32 new clips it adapts the foundation model on them by
+  weighted entropy, then distils it into the edge copy's normalisation parameters on the
+  new clips plus 96 replayed ones (once the buffer holds 256); with no new step but a
+  full enough buffer, the edge copy learns from 128 replayed clips alone. The edge's new
+  parameters go back down as a `Download`. Where METHODS.md §2 leaves the order open,
+  this follows the official CEMA code (foundation on new clips only, distillation
+  targets from the updated foundation model).
 
 `CEMA` joins the two for a stream; `cloud_all` is the same cloud with every clip uploaded.
 """
@@ -178,9 +182,8 @@ class Cloud:
         self.foundation_opt = optax.sgd(cfg.foundation_learning_rate, momentum=cfg.momentum)
         self._const = parallel.put_replicated(
             {"edge": edge_model.constants(), "foundation": foundation.constants()}, mesh)
-        replicated = parallel.replicated(mesh)
+        replicated = parallel.replicated(mesh)  # the clips arrive sharded along `data`
         self._step = jax.jit(self._adapt, donate_argnums=0,
-                             in_shardings=(replicated, replicated, parallel.batch_sharded(mesh)),
                              out_shardings=(replicated, replicated))
         self.reset()
 
@@ -203,36 +206,44 @@ class Cloud:
         while len(self._pending) >= cfg.new_per_step:
             new = np.stack(self._pending[:cfg.new_per_step])
             del self._pending[:cfg.new_per_step]
-            if len(self.buffer) >= cfg.replay_from:
-                new = np.concatenate([new, self.buffer.sample(cfg.replay_per_step)])
-            step_losses.append(self._run_step(new))
+            replay = (self.buffer.sample(cfg.replay_per_step)
+                      if len(self.buffer) >= cfg.replay_from else None)
+            step_losses.append(self._run_step(new, replay))
         if not step_losses and len(self.buffer) >= cfg.replay_from:  # a replay-only step
             step_losses.append(self._run_step(
-                self.buffer.sample(cfg.new_per_step + cfg.replay_per_step)))
+                None, self.buffer.sample(cfg.new_per_step + cfg.replay_per_step)))
         if not step_losses:
             return None, []
         return Download(jax.device_get(self.state["edge"])), step_losses
 
-    def _run_step(self, clips: np.ndarray) -> float:
-        rows = parallel.host_slice(len(clips))
-        self.state, loss = self._step(self.state, self._const,
-                                      parallel.to_global(clips[rows], self._mesh))
+    def _run_step(self, new: np.ndarray | None, replay: np.ndarray | None) -> float:
+        to_mesh = lambda clips: None if clips is None else parallel.to_global(
+            clips[parallel.host_slice(len(clips))], self._mesh)
+        self.state, loss = self._step(self.state, self._const, to_mesh(new), to_mesh(replay))
         return float(loss)
 
-    def _adapt(self, state: dict[str, Any], const: dict[str, Any],
-               clips: jax.Array) -> tuple[dict[str, Any], jax.Array]:
-        """One cloud step: the foundation model by weighted entropy (L_f), then the edge
-        copy by weighted entropy plus distillation from the foundation's predictions (L_e)."""
+    def _adapt(self, state: dict[str, Any], const: dict[str, Any], new: jax.Array | None,
+               replay: jax.Array | None) -> tuple[dict[str, Any], jax.Array]:
+        """One cloud step, as the official CEMA code does it: the foundation model learns
+        from the new clips by weighted entropy (L_f; a replay-only step leaves it alone),
+        then the edge copy learns on new + replayed clips by weighted entropy plus
+        distillation from the *updated* foundation model's predictions (L_e)."""
         cfg = self.cfg
+        state = dict(state)
+        if new is not None:
+            def foundation_loss(params):
+                ent = losses.entropy(self.foundation.logits(params, const["foundation"], new))
+                return jnp.mean(losses.reliability_weight(ent, self.e0) * ent)
 
-        def foundation_loss(params):
-            logits = self.foundation.logits(params, const["foundation"], clips)
-            ent = losses.entropy(logits)
-            return jnp.mean(losses.reliability_weight(ent, self.e0) * ent), (logits, ent)
+            f_grads = jax.grad(foundation_loss)(state["foundation"])
+            f_updates, state["foundation_opt"] = self.foundation_opt.update(
+                f_grads, state["foundation_opt"], state["foundation"])
+            state["foundation"] = optax.apply_updates(state["foundation"], f_updates)
 
-        (_, (f_logits, f_ent)), f_grads = jax.value_and_grad(
-            foundation_loss, has_aux=True)(state["foundation"])
-        w_f = losses.reliability_weight(f_ent, self.e0)
+        clips = jnp.concatenate([c for c in (new, replay) if c is not None])
+        f_logits = jax.lax.stop_gradient(
+            self.foundation.logits(state["foundation"], const["foundation"], clips))
+        w_f = losses.reliability_weight(losses.entropy(f_logits), self.e0)
 
         def edge_loss(params):
             logits = self.edge_model.logits(params, const["edge"], clips)
@@ -242,13 +253,10 @@ class Cloud:
                     + cfg.beta * jnp.mean(w_f * kl) + cfg.gamma * jnp.mean(w_f * ce))
 
         e_loss, e_grads = jax.value_and_grad(edge_loss)(state["edge"])
-        f_updates, f_opt = self.foundation_opt.update(f_grads, state["foundation_opt"],
-                                                      state["foundation"])
-        e_updates, e_opt = self.edge_opt.update(e_grads, state["edge_opt"], state["edge"])
-        return {"foundation": optax.apply_updates(state["foundation"], f_updates),
-                "foundation_opt": f_opt,
-                "edge": optax.apply_updates(state["edge"], e_updates),
-                "edge_opt": e_opt}, e_loss
+        e_updates, state["edge_opt"] = self.edge_opt.update(e_grads, state["edge_opt"],
+                                                            state["edge"])
+        state["edge"] = optax.apply_updates(state["edge"], e_updates)
+        return state, e_loss
 
 
 class CEMA:
