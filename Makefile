@@ -14,6 +14,7 @@ test: $(INSTALLED)
 
 benchmark: $(INSTALLED)
 	$(BIN)/python benchmarks/x3d_train_step.py
+	$(BIN)/python benchmarks/adapt_throughput.py
 
 # torch first and pinned: any other version (or a range) pulls multi-GB CUDA builds.
 $(INSTALLED): pyproject.toml

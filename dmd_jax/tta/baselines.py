@@ -129,7 +129,7 @@ class GradientTTA:
 
     def process(self, clips: jax.Array) -> BatchResult:
         self.state, logits, aux = self._step(self.state, self.const, clips)
-        logits, aux = parallel.fetch(logits), jax.device_get(aux)
+        logits, aux = parallel.fetch((logits, aux))  # learned_from is batch-sharded
         learned_from = np.asarray(aux["learned_from"], bool)
         return BatchResult(logits, learned_from, _none(len(logits)),
                            loss=float(aux["loss"]) if learned_from.any() else float("nan"),

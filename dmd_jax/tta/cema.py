@@ -214,7 +214,7 @@ class Cloud:
                 None, self.buffer.sample(cfg.new_per_step + cfg.replay_per_step)))
         if not step_losses:
             return None, []
-        return Download(jax.device_get(self.state["edge"])), step_losses
+        return Download(parallel.fetch(self.state["edge"])), step_losses
 
     def _run_step(self, new: np.ndarray | None, replay: np.ndarray | None) -> float:
         to_mesh = lambda clips: None if clips is None else parallel.to_global(
