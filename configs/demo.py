@@ -145,6 +145,9 @@ def adapt_config() -> ml_collections.ConfigDict:
             redundancy_margin=redundancy_margin,
             ema_decay=0.9,
             upload_all=False,  # cloud_all sets it
+            # BatchNorm with running statistics shared by cloud and edge (test-time batch
+            # renormalisation, as the official code) instead of each batch's own:
+            batch_renorm=False,
             buffer_size=10000,
             new_per_step=32,
             replay_per_step=96,

@@ -37,6 +37,8 @@ CEMA_VARIANTS = {
     "cema_no_emin": {"low_info_filter": False},
     "cema_no_redundancy": {"redundancy_filter": False},
     "cloud_all": {"upload_all": True},
+    "cema_tbr": {"batch_renorm": True},  # test-time batch renormalisation (official code)
+    "cloud_all_tbr": {"upload_all": True, "batch_renorm": True},
 }
 BASELINES = ("source", "norm", "tent", "eata", "sar")
 

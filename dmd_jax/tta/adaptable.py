@@ -13,11 +13,13 @@ import dataclasses
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dmd_jax import model_store, models
 from dmd_jax.data import pipeline
+from dmd_jax.tta import renorm
 
 Params = dict[str, Any]
 
@@ -95,3 +97,20 @@ class Adaptable:
         (logits, _), _ = self.model.module.apply(
             variables, x, batch_norm_from_batch=True, mutable=["batch_stats"])
         return logits
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return "batch_stats" in self.model.variables
+
+    def renorm_logits(self, norm_affine: Params, stats: Any, constants: dict[str, Any],
+                      clips: jnp.ndarray, mode: str) -> tuple[jnp.ndarray, Any]:
+        """`(logits, running statistics)` under test-time batch renormalisation
+        (`renorm.interceptor(mode)`); models without BatchNorm run as `logits`."""
+        if not self.has_batch_norm:
+            return self.logits(norm_affine, constants, clips), stats
+        x = pipeline.normalize(clips, *models.input_stats(self.model.model_config))
+        variables = {"params": merge(norm_affine, constants["frozen"]), **constants["others"],
+                     "batch_stats": stats}
+        with nn.intercept_methods(renorm.interceptor(mode)):
+            (logits, _), updated = self.model.module.apply(variables, x, mutable=["batch_stats"])
+        return logits, updated["batch_stats"]

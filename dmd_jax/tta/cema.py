@@ -47,13 +47,33 @@ class Upload:
 
 @dataclasses.dataclass(frozen=True)
 class Download:
-    """Cloud -> edge: the adapted normalisation parameters of the edge model."""
+    """Cloud -> edge: the adapted normalisation parameters of the edge model, and with
+    batch renormalisation the running statistics they go with."""
 
     norm_affine: Params  # host numpy arrays
+    stats: Any = None
 
     @property
     def nbytes(self) -> int:
-        return num_bytes(self.norm_affine)
+        return num_bytes(self.norm_affine) + num_bytes(self.stats)
+
+
+def forward(model: Adaptable, params: Params, stats: Any, constants: dict[str, Any],
+            clips: jax.Array, mode: str, batch_renorm: bool) -> tuple[jax.Array, Any]:
+    """`(logits, statistics)`: with `batch_renorm`, BatchNorm normalises with running
+    statistics (`renorm.interceptor(mode)`); without, with the batch's own statistics
+    (METHODS.md §2's wording) and `stats` passes through untouched."""
+    if batch_renorm:
+        return model.renorm_logits(params, stats, constants, clips, mode)
+    return model.logits(params, constants, clips), stats
+
+
+def stats_template(model: Adaptable, batch_renorm: bool) -> Any:
+    """Arrays shaped like the running statistics (their values are set from the first
+    batch), or an empty placeholder without renormalisation."""
+    if batch_renorm and model.has_batch_norm:
+        return jax.device_get(model.model.variables["batch_stats"])
+    return {}
 
 
 class UploadFilter:
@@ -105,26 +125,37 @@ class UploadFilter:
 
 
 class Edge:
-    """The edge device: forward passes with the latest parameters from the cloud."""
+    """The edge device: forward passes with the latest parameters from the cloud.
+
+    With batch renormalisation its running statistics come from its first batch until
+    the cloud sends its own; the edge itself never updates them."""
 
     def __init__(self, model: Adaptable, mesh, cfg: ml_collections.ConfigDict):
-        self.model, self._mesh = model, mesh
+        self.model, self._mesh, self.renorm = model, mesh, cfg.batch_renorm
         self.filter = UploadFilter(model.num_classes, cfg)
         self.upload_all = cfg.upload_all
         self._constants = parallel.put_replicated(model.constants(), mesh)
-        batch = parallel.batch_sharded(mesh)
-        self._forward = jax.jit(
-            lambda params, constants, clips: model.logits(params, constants, clips),
-            in_shardings=(parallel.replicated(mesh), parallel.replicated(mesh), batch),
-            out_shardings=batch)
+        replicated, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+        self._forward = {
+            mode: jax.jit(lambda params, stats, constants, clips, mode=mode: forward(
+                model, params, stats, constants, clips, mode, self.renorm),
+                in_shardings=(replicated, replicated, replicated, batch),
+                out_shardings=(batch, replicated))
+            for mode in ("init", "use")}
         self.reset()
 
     def reset(self) -> None:
         self.norm_affine = parallel.put_replicated(self.model.source_norm_affine, self._mesh)
+        self.stats = parallel.put_replicated(stats_template(self.model, self.renorm), self._mesh)
+        self._stats_ready = not self.renorm
         self.filter.reset()
 
     def predict(self, clips: jax.Array) -> np.ndarray:
-        return parallel.fetch(self._forward(self.norm_affine, self._constants, clips))
+        mode = "use" if self._stats_ready else "init"
+        logits, stats = self._forward[mode](self.norm_affine, self.stats, self._constants, clips)
+        if not self._stats_ready:
+            self.stats, self._stats_ready = stats, True
+        return parallel.fetch(logits)
 
     def select(self, clips: jax.Array, logits: np.ndarray) -> tuple[Upload, np.ndarray]:
         """The upload for this batch and the mask of the clips in it."""
@@ -138,6 +169,9 @@ class Edge:
 
     def receive(self, download: Download) -> None:
         self.norm_affine = parallel.put_replicated(download.norm_affine, self._mesh)
+        if self.renorm:
+            self.stats = parallel.put_replicated(download.stats, self._mesh)
+            self._stats_ready = True
 
 
 class ReplayBuffer:
@@ -185,14 +219,18 @@ class Cloud:
         replicated = parallel.replicated(mesh)  # the clips arrive sharded along `data`
         self._step = jax.jit(self._adapt, donate_argnums=0,
                              out_shardings=(replicated, replicated))
+        self._initial_stats = jax.jit(self._initial_stats_of, out_shardings=replicated)
         self.reset()
 
     def reset(self) -> None:
         edge, foundation = self.edge_model.source_norm_affine, self.foundation.source_norm_affine
         self.state = parallel.put_replicated({
             "edge": edge, "edge_opt": self.edge_opt.init(edge),
+            "edge_stats": stats_template(self.edge_model, self.cfg.batch_renorm),
             "foundation": foundation, "foundation_opt": self.foundation_opt.init(foundation),
+            "foundation_stats": stats_template(self.foundation, self.cfg.batch_renorm),
         }, self._mesh)
+        self._stats_ready = not self.cfg.batch_renorm
         self.buffer.reset()
         self._pending: list[np.ndarray] = []
 
@@ -214,13 +252,29 @@ class Cloud:
                 None, self.buffer.sample(cfg.new_per_step + cfg.replay_per_step)))
         if not step_losses:
             return None, []
-        return Download(parallel.fetch(self.state["edge"])), step_losses
+        sent = parallel.fetch({"norm_affine": self.state["edge"],
+                               "stats": self.state["edge_stats"] if self.cfg.batch_renorm else None})
+        return Download(**sent), step_losses
 
     def _run_step(self, new: np.ndarray | None, replay: np.ndarray | None) -> float:
         to_mesh = lambda clips: None if clips is None else parallel.to_global(
             clips[parallel.host_slice(len(clips))], self._mesh)
-        self.state, loss = self._step(self.state, self._const, to_mesh(new), to_mesh(replay))
+        new, replay = to_mesh(new), to_mesh(replay)
+        if not self._stats_ready:  # renormalisation starts from the first batch's statistics
+            self.state.update(self._initial_stats(self.state, self._const, new, replay))
+            self._stats_ready = True
+        self.state, loss = self._step(self.state, self._const, new, replay)
         return float(loss)
+
+    def _initial_stats_of(self, state: dict[str, Any], const: dict[str, Any],
+                          new: jax.Array | None, replay: jax.Array | None) -> dict[str, Any]:
+        """Running statistics of both models set from the first step's clips."""
+        clips = jnp.concatenate([c for c in (new, replay) if c is not None])
+        _, edge = forward(self.edge_model, state["edge"], state["edge_stats"], const["edge"],
+                          clips, "init", True)
+        _, foundation = forward(self.foundation, state["foundation"], state["foundation_stats"],
+                                const["foundation"], new if new is not None else clips, "init", True)
+        return {"edge_stats": edge, "foundation_stats": foundation}
 
     def _adapt(self, state: dict[str, Any], const: dict[str, Any], new: jax.Array | None,
                replay: jax.Array | None) -> tuple[dict[str, Any], jax.Array]:
@@ -230,32 +284,38 @@ class Cloud:
         distillation from the *updated* foundation model's predictions (L_e)."""
         cfg = self.cfg
         state = dict(state)
+        run = lambda model, which, params, clips, mode: forward(
+            model, params, state[f"{which}_stats"], const[which], clips, mode, cfg.batch_renorm)
         if new is not None:
             def foundation_loss(params):
-                ent = losses.entropy(self.foundation.logits(params, const["foundation"], new))
-                return jnp.mean(losses.reliability_weight(ent, self.e0) * ent)
+                logits, stats = run(self.foundation, "foundation", params, new, "update")
+                ent = losses.entropy(logits)
+                return jnp.mean(losses.reliability_weight(ent, self.e0) * ent), stats
 
-            f_grads = jax.grad(foundation_loss)(state["foundation"])
+            (_, f_stats), f_grads = jax.value_and_grad(foundation_loss, has_aux=True)(
+                state["foundation"])
             f_updates, state["foundation_opt"] = self.foundation_opt.update(
                 f_grads, state["foundation_opt"], state["foundation"])
             state["foundation"] = optax.apply_updates(state["foundation"], f_updates)
+            state["foundation_stats"] = f_stats
 
         clips = jnp.concatenate([c for c in (new, replay) if c is not None])
-        f_logits = jax.lax.stop_gradient(
-            self.foundation.logits(state["foundation"], const["foundation"], clips))
+        f_logits, _ = run(self.foundation, "foundation", state["foundation"], clips, "use")
+        f_logits = jax.lax.stop_gradient(f_logits)
         w_f = losses.reliability_weight(losses.entropy(f_logits), self.e0)
 
         def edge_loss(params):
-            logits = self.edge_model.logits(params, const["edge"], clips)
+            logits, stats = run(self.edge_model, "edge", params, clips, "update")
             ent = losses.entropy(logits)
             kl, ce = losses.distillation(logits, f_logits, cfg.temperature)
             return (cfg.alpha * jnp.mean(losses.reliability_weight(ent, self.e0) * ent)
-                    + cfg.beta * jnp.mean(w_f * kl) + cfg.gamma * jnp.mean(w_f * ce))
+                    + cfg.beta * jnp.mean(w_f * kl) + cfg.gamma * jnp.mean(w_f * ce)), stats
 
-        e_loss, e_grads = jax.value_and_grad(edge_loss)(state["edge"])
+        (e_loss, e_stats), e_grads = jax.value_and_grad(edge_loss, has_aux=True)(state["edge"])
         e_updates, state["edge_opt"] = self.edge_opt.update(e_grads, state["edge_opt"],
                                                             state["edge"])
         state["edge"] = optax.apply_updates(state["edge"], e_updates)
+        state["edge_stats"] = e_stats
         return state, e_loss
 
 

@@ -243,3 +243,38 @@ def test_every_method_compiles_once_over_a_stream(edge, mesh):
             for batch in stream:
                 method.process(batch)
         assert counter.events == 0, f"{method.name} recompiled during the stream"
+
+
+def test_batch_renormalisation_values_and_statistics(edge):
+    """Initialised from a batch it equals BatchNorm with that batch's statistics; then it
+    normalises with the running statistics, which only an 'update' moves (momentum 0.1)."""
+    x, y = jnp.asarray(clips(40)), jnp.asarray(clips(41))
+    constants, affine = edge.constants(), edge.source_norm_affine
+    template = edge.model.variables["batch_stats"]
+    renorm = jax.jit(edge.renorm_logits, static_argnums=4)
+    logits, stats = renorm(affine, template, constants, x, "init")
+    np.testing.assert_allclose(logits, jax.jit(edge.logits)(affine, constants, x), atol=1e-4)
+    used, unchanged = renorm(affine, stats, constants, y, "use")
+    jax.tree.map(np.testing.assert_array_equal, unchanged, stats)
+    _, moved = renorm(affine, stats, constants, y, "update")
+    _, y_stats = renorm(affine, template, constants, y, "init")
+    first = lambda tree: tree["stem"]["norm"]["mean"]  # its input depends on no other norm
+    np.testing.assert_allclose(first(moved), first(stats) + 0.1 * (first(y_stats) - first(stats)),
+                               rtol=1e-5, atol=1e-6)
+    batch_normed = jax.jit(edge.logits)(affine, constants, y)
+    assert not np.allclose(used, batch_normed, atol=1e-4)  # x's statistics, not y's
+
+
+def test_cema_with_batch_renorm_sends_statistics_down(mesh):
+    edge_model, foundation = random_model(0), random_model(1, width=0.5)
+    config = settings().cema
+    config.update(upload_all=True, batch_renorm=True, new_per_step=8, replay_per_step=8,
+                  replay_from=16)
+    method = cema.CEMA("cloud_all_tbr", edge_model, foundation, mesh, config, seed=0)
+    results = [method.process(on_mesh(clips(50 + i), mesh)) for i in range(3)]
+    stats_bytes = num_bytes(edge_model.model.variables["batch_stats"])
+    assert results[-1].bytes_down == num_bytes(edge_model.source_norm_affine) + stats_bytes
+    for edge_leaf, cloud_leaf in zip(jax.tree.leaves(jax.device_get(method.edge.stats)),
+                                     jax.tree.leaves(jax.device_get(method.cloud.state["edge_stats"]))):
+        np.testing.assert_array_equal(edge_leaf, cloud_leaf)
+    assert all(np.isfinite(r.loss) for r in results)
