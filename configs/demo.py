@@ -191,7 +191,7 @@ def pipeline_config(tiny: bool) -> ml_collections.ConfigDict:
         if stage == "adapt":
             stage_cfg.adapt.update(PIPELINE_ADAPT)
             if tiny:
-                stage_cfg.adapt.corruptions = ("gaussian_noise",)
+                stage_cfg.adapt.update(corruptions=("gaussian_noise",), methods=("norm", "cema"))
         config.stages[stage] = stage_cfg
     return config
 

@@ -166,7 +166,7 @@ def test_upload_filter_redundancy():
 
 
 def test_cema_message_boundary_and_accounting(mesh):
-    edge_model, foundation = random_model(0), random_model(1, width=0.5)
+    edge_model, foundation = random_model(0), random_model(1)
     config = settings().cema
     config.update(upload_all=True, new_per_step=8, replay_per_step=8, replay_from=16)
     method = cema.CEMA("cloud_all", edge_model, foundation, mesh, config, seed=0)
@@ -227,7 +227,7 @@ def test_every_method_compiles_once_over_a_stream(edge, mesh):
     config = settings()
     config.cema.update(new_per_step=8, replay_per_step=8, replay_from=16)
     stream = [on_mesh(clips(30 + i), mesh) for i in range(4)]
-    foundation = random_model(1, width=0.5)
+    foundation = random_model(1)
     methods = [baselines.Source(edge, mesh), baselines.Norm(edge, mesh),
                baselines.Tent(edge, mesh, config.tta),
                baselines.EATA(edge, mesh, config.tta, stream[:1]),
@@ -266,7 +266,7 @@ def test_batch_renormalisation_values_and_statistics(edge):
 
 
 def test_cema_with_batch_renorm_sends_statistics_down(mesh):
-    edge_model, foundation = random_model(0), random_model(1, width=0.5)
+    edge_model, foundation = random_model(0), random_model(1)
     config = settings().cema
     config.update(upload_all=True, batch_renorm=True, new_per_step=8, replay_per_step=8,
                   replay_from=16)
