@@ -269,7 +269,7 @@ def test_cema_with_batch_renorm_sends_statistics_down(mesh):
     edge_model, foundation = random_model(0), random_model(1)
     config = settings().cema
     config.update(upload_all=True, batch_renorm=True, new_per_step=8, replay_per_step=8,
-                  replay_from=16)
+                  replay_from=10_000)  # no replay: one step shape to compile
     method = cema.CEMA("cloud_all_tbr", edge_model, foundation, mesh, config, seed=0)
     results = [method.process(on_mesh(clips(50 + i), mesh)) for i in range(3)]
     stats_bytes = num_bytes(edge_model.model.variables["batch_stats"])
