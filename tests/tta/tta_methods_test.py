@@ -47,6 +47,22 @@ def edge():
     return random_model(0)
 
 
+def cloud_all_settings() -> ml_collections.ConfigDict:
+    config = settings().cema
+    config.update(upload_all=True, new_per_step=8, replay_per_step=8, replay_from=16)
+    return config
+
+
+@pytest.fixture(scope="module")
+def shared(edge, mesh):
+    """Methods built (and so compiled) once for the whole module; each test resets them."""
+    return {"norm": baselines.Norm(edge, mesh),
+            "tent": baselines.Tent(edge, mesh, settings().tta),
+            "eata": baselines.EATA(edge, mesh, settings().tta, [on_mesh(clips(4), mesh)]),
+            "cloud_all": cema.CEMA("cloud_all", edge, random_model(1), mesh,
+                                   cloud_all_settings(), seed=0)}
+
+
 def on_mesh(batch: np.ndarray, mesh) -> jax.Array:
     return parallel.to_global(batch, mesh)
 
@@ -81,8 +97,9 @@ def test_losses():
     assert float(losses.masked_mean(jnp.ones(4), jnp.zeros(4, bool))) == 0.0
 
 
-def test_tent_predicts_before_it_updates_and_only_moves_norm_affine(edge, mesh):
-    tent, norm = baselines.Tent(edge, mesh, settings().tta), baselines.Norm(edge, mesh)
+def test_tent_predicts_before_it_updates_and_only_moves_norm_affine(edge, mesh, shared):
+    tent, norm = shared["tent"], shared["norm"]
+    tent.reset()
     first, second = on_mesh(clips(2), mesh), on_mesh(clips(3), mesh)
     np.testing.assert_allclose(tent.process(first).logits, norm.process(first).logits,
                                rtol=1e-5, atol=1e-5)
@@ -113,9 +130,8 @@ def test_eata_filters_unreliable_and_redundant_clips():
     np.testing.assert_allclose(kept, new)  # nothing selected: unchanged
 
 
-def test_eata_fisher_penalty_anchors_to_the_source(edge, mesh):
-    batches = [on_mesh(clips(4), mesh)]
-    eata = baselines.EATA(edge, mesh, settings().tta, batches)
+def test_eata_fisher_penalty_anchors_to_the_source(edge, shared):
+    eata = shared["eata"]
     fisher = jax.device_get(eata.const["fisher"])
     assert all(np.all(f >= 0) for f in fisher.values()) and any(f.sum() > 0 for f in fisher.values())
     source = edge.source_norm_affine
@@ -165,11 +181,9 @@ def test_upload_filter_redundancy():
     assert f.select(probs, ent).tolist() == [False, True]  # the first repeats the average
 
 
-def test_cema_message_boundary_and_accounting(mesh):
-    edge_model, foundation = random_model(0), random_model(1)
-    config = settings().cema
-    config.update(upload_all=True, new_per_step=8, replay_per_step=8, replay_from=16)
-    method = cema.CEMA("cloud_all", edge_model, foundation, mesh, config, seed=0)
+def test_cema_message_boundary_and_accounting(edge, mesh, shared):
+    edge_model, method = edge, shared["cloud_all"]
+    method.reset()
     results = [method.process(on_mesh(clips(10 + i), mesh)) for i in range(3)]
     clip_bytes = int(np.prod(CLIP))
     down_bytes = num_bytes(edge_model.source_norm_affine)
@@ -188,10 +202,10 @@ def test_cema_message_boundary_and_accounting(mesh):
     assert len(method.cloud.buffer) == 0
 
 
-def test_cema_replay_only_step_when_nothing_new_arrives(mesh):
-    config = settings().cema
-    config.update(new_per_step=8, replay_per_step=8, replay_from=16)
-    cloud = cema.Cloud(random_model(0), random_model(1), mesh, config, seed=0)
+def test_cema_replay_only_step_when_nothing_new_arrives(mesh, shared):
+    config = cloud_all_settings()  # new_per_step=8, replay_per_step=8, replay_from=16
+    cloud = shared["cloud_all"].cloud
+    cloud.reset()
     assert cloud.receive(cema.Upload(clips(20, batch=4))) == (None, [])  # too few to step
     download, steps = cloud.receive(cema.Upload(clips(21, batch=12)))
     assert download is not None and len(steps) == 2  # 16 new clips: two steps
@@ -221,21 +235,14 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self)
 
 
-def test_every_method_compiles_once_over_a_stream(edge, mesh):
+def test_every_method_compiles_once_over_a_stream(edge, mesh, shared):
     """A second pass over a stream (after reset) compiles nothing: each step was jitted
     once per shape during the first."""
-    config = settings()
-    config.cema.update(new_per_step=8, replay_per_step=8, replay_from=16)
     stream = [on_mesh(clips(30 + i), mesh) for i in range(4)]
-    foundation = random_model(1)
-    methods = [baselines.Source(edge, mesh), baselines.Norm(edge, mesh),
-               baselines.Tent(edge, mesh, config.tta),
-               baselines.EATA(edge, mesh, config.tta, stream[:1]),
-               baselines.SAR(edge, mesh, config.tta),
-               cema.CEMA("cloud_all", edge, foundation, mesh,
-                         ml_collections.ConfigDict({**config.cema.to_dict(), "upload_all": True}),
-                         seed=0)]
+    methods = [baselines.Source(edge, mesh), shared["norm"], shared["tent"], shared["eata"],
+               baselines.SAR(edge, mesh, settings().tta), shared["cloud_all"]]
     for method in methods:
+        method.reset()
         for batch in stream:
             method.process(batch)
         method.reset()
