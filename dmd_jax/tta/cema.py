@@ -164,6 +164,8 @@ class Edge:
         probs = np.exp(log_probs)
         ent = -np.sum(probs * log_probs, axis=-1)
         keep = np.ones(len(logits), bool) if self.upload_all else self.filter.select(probs, ent)
+        if not keep.any():  # most batches: nothing leaves, so nothing is copied to the host
+            return Upload(np.zeros((0, *clips.shape[1:]), clips.dtype)), keep
         stored = parallel.fetch(clips)  # the clips as the edge stores them
         return Upload(np.asarray(stored)[keep]), keep
 
