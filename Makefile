@@ -13,8 +13,7 @@ test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 benchmark: $(INSTALLED)
-	$(BIN)/python benchmarks/x3d_train_step.py
-	$(BIN)/python benchmarks/adapt_throughput.py
+	$(BIN)/python -m benchmarks.suite
 
 # torch first and pinned: any other version (or a range) pulls multi-GB CUDA builds.
 $(INSTALLED): pyproject.toml

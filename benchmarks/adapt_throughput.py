@@ -1,10 +1,10 @@
 """Adaptation throughput: stream clips/s of source, tent, cema and cloud_all (dmd_jax),
 with source and tent also run by PyTorch on pytorchvideo's X3D in the same process.
 
-    python benchmarks/adapt_throughput.py [--edge DIR --cloud DIR] [--batches 16]
+    python -m benchmarks.adapt_throughput [--quick]
 
-The models are the demo's (`--edge`/`--cloud`, default `runs/demo/{edge,teacher}/model`);
-where those are missing, randomly initialised models of the demo's architectures (then
+The models are the demo's (`runs/demo/{edge,teacher}/model`, after `make demo`); where
+those are missing, randomly initialised models of the demo's architectures (then
 CEMA's edge is too unsure to upload anything and runs at the speed of its forward pass:
 the upload column says so). The stream is the demo's test split under gaussian_noise
 severity 5, corrupted once up front so that only the method is timed. Each method runs
@@ -14,26 +14,24 @@ again, cloud steps and host-side filtering included.
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from configs import demo  # noqa: E402
-from dmd_jax import model_store, models, parallel  # noqa: E402
-from dmd_jax.data import corruptions, synthetic  # noqa: E402
-from dmd_jax.model_store import LoadedModel  # noqa: E402
-from dmd_jax.references import pytorchvideo_create_x3d  # noqa: E402
-from dmd_jax.tta import baselines, cema  # noqa: E402
-from dmd_jax.tta.adaptable import Adaptable  # noqa: E402
+from benchmarks import common
+from configs import demo
+from dmd_jax import model_store, models, parallel
+from dmd_jax.data import corruptions, synthetic
+from dmd_jax.model_store import LoadedModel
+from dmd_jax.references import pytorchvideo_create_x3d
+from dmd_jax.tta import baselines, cema
+from dmd_jax.tta.adaptable import Adaptable
 
 CLIP = (8, 32, 32, 3)
+EDGE_DIR, CLOUD_DIR = "runs/demo/edge/model", "runs/demo/teacher/model"
 
 
 def load_or_random(path: str, arch: dict, seed: int) -> tuple[LoadedModel, str]:
@@ -116,27 +114,17 @@ def torch_rates(arch: dict, stream: list[np.ndarray], lr: float) -> dict[str, fl
     return rates
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--edge", default="runs/demo/edge/model")
-    parser.add_argument("--cloud", default="runs/demo/teacher/model")
-    parser.add_argument("--batches", type=int, default=16)
-    args = parser.parse_args()
+def run(quick: bool) -> common.Section:
     config = demo.get_config("adapt").adapt
     mesh = parallel.make_mesh()
-    edge_model, edge_from = load_or_random(args.edge, demo.EDGE, 0)
-    cloud_model, cloud_from = load_or_random(args.cloud, demo.TEACHER, 1)
+    device = parallel.describe()
+    batches = 4 if quick else 16
+    edge_model, edge_from = load_or_random(EDGE_DIR, demo.EDGE, 0)
+    cloud_model, cloud_from = load_or_random(CLOUD_DIR, demo.TEACHER, 1)
     edge, cloud = Adaptable.of(edge_model), Adaptable.of(cloud_model)
-    stream = corrupted_stream(args.batches, config.batch_size, mesh)
-
-    import torch
-    print(f"# machine: {platform.processor() or platform.machine()}, {jax.device_count()} JAX "
-          f"{jax.default_backend()} device(s), torch threads {torch.get_num_threads()}, "
-          f"jax {jax.__version__}, torch {torch.__version__}")
-    print(f"# edge: {edge_from}; cloud: {cloud_from}; stream: {args.batches} batches of "
-          f"{config.batch_size}, gaussian_noise@5")
-    reference = torch_rates(demo.EDGE, [jax.device_get(c) for c in stream],
-                            config.tta.learning_rate)
+    stream = corrupted_stream(batches, config.batch_size, mesh)
+    reference = (torch_rates(demo.EDGE, [jax.device_get(c) for c in stream],
+                             config.tta.learning_rate) if device["backend"] == "cpu" else {})
     methods = {
         "source": baselines.Source(edge, mesh),
         "tent": baselines.Tent(edge, mesh, config.tta),
@@ -145,14 +133,26 @@ def main() -> None:
                                type(config.cema)({**config.cema.to_dict(), "upload_all": True}),
                                config.seed),
     }
-    print("| method | dmd_jax stream clips/s | upload | PyTorch clips/s | ratio |")
-    print("|---|---|---|---|---|")
+    rows = []
     for name, method in methods.items():
         rate, upload = time_stream(method, stream)
         ref = reference.get(name)
-        ref_cells = f"{ref:.0f} | {rate / ref:.2f}x" if ref else "- | -"
-        print(f"| {name} | {rate:.0f} | {upload:.1%} | {ref_cells} |", flush=True)
+        rows.append([name, rate, f"{upload:.1%}", ref, common.ratio(rate, ref)])
+    torch_note = (f"PyTorch ({common.torch_threads()} threads) runs the same edge architecture "
+                  "(pytorchvideo `create_x3d`): `source` as an eval-mode forward, `tent` as the "
+                  "official algorithm" if reference else "PyTorch not timed on accelerators")
+    return common.Section(
+        title="Online adaptation throughput",
+        command="python -m benchmarks.adapt_throughput",
+        setup=(f"Edge: {edge_from}; cloud: {cloud_from} (demo architectures: X3D width 0.5 and "
+               f"2.0). {batches} stream batches of {config.batch_size} clips (8x32x32) under "
+               "gaussian_noise severity 5, corrupted up front so that only the method is timed; "
+               "each method runs the stream once to compile, is reset, and is timed over it "
+               f"again (cloud steps and host-side filtering included). {torch_note}. "
+               f"{mesh.size} {device['backend']} device(s)."),
+        columns=["method", "dmd_jax stream clips/s", "upload", "PyTorch clips/s", "ratio"],
+        rows=rows, devices=device)
 
 
 if __name__ == "__main__":
-    main()
+    common.main(run, __doc__)

@@ -1,33 +1,31 @@
 """VideoMAE forward: dmd_jax (converted weights) vs transformers on PyTorch, one run.
 
-    python benchmarks/videomae_forward.py [--size b] [--batch 4] [--frames 16] [--image 224]
-                                          [--iters 3] [--dtype float32|bfloat16]
+    python -m benchmarks.videomae_forward [--quick]
 
-Builds a random-weight `VideoMAEForVideoClassification` (ViT-S/B/L), converts it with
-`dmd_jax.convert`, checks the two agree, then times the forward of the same batch in
-both and prints clips/s and the ratio. With `--dtype bfloat16` (for accelerators) it
-also reports model FLOP utilisation: XLA's FLOP count of the compiled forward / time /
-the chip's peak (`--peak-tflops`, known for H100/H200).
+Builds a random-weight `VideoMAEForVideoClassification` (ViT-B, 16x224x224; ViT-S at
+8x64x64 with `--quick`), converts it with `dmd_jax.convert`, checks the two agree, then
+times the forward of the same batch in both. On an accelerator it adds a bfloat16 row
+with model FLOP utilisation (XLA's FLOP count / time / the chip's dense bf16 peak);
+PyTorch is timed only on the CPU (the benchmark machines' torch wheel is CPU-only).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
-import platform
 import tempfile
-import time
 
 import jax
 import numpy as np
 
-from dmd_jax import convert, flops, models
+from benchmarks import common
+from dmd_jax import convert, flops, models, parallel
 from dmd_jax.models import videomae
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense, per chip
+FULL = dict(size="b", batch=4, frames=16, image=224, iters=2)
+QUICK = dict(size="s", batch=2, frames=8, image=64, iters=2)
 
 
-def _reference(size: str, frames: int, image: int):
+def reference_model(size: str, frames: int, image: int):
     import transformers
 
     v = videomae.VARIANTS[size]
@@ -38,64 +36,54 @@ def _reference(size: str, frames: int, image: int):
     return transformers.VideoMAEForVideoClassification(config).eval()
 
 
-def _time(fn, iters: int) -> float:
-    fn()  # warm-up (compilation for JAX)
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    return (time.perf_counter() - start) / iters
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--size", default="b", choices=sorted(videomae.VARIANTS))
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--frames", type=int, default=16)
-    parser.add_argument("--image", type=int, default=224)
-    parser.add_argument("--iters", type=int, default=3)
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    parser.add_argument("--peak-tflops", type=float, default=0.0)
-    parser.add_argument("--skip-torch", action="store_true")
-    args = parser.parse_args()
-
+def run(quick: bool) -> common.Section:
     import torch
 
-    reference = _reference(args.size, args.frames, args.image)
+    case = QUICK if quick else FULL
+    device = parallel.describe()
+    on_cpu = device["backend"] == "cpu"
+    reference = reference_model(case["size"], case["frames"], case["image"])
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(tmp)
-        model = convert.convert("videomae", tmp, os.path.join(tmp, "flax"))
-    config = model.model_config
-    config.dtype = args.dtype  # compute dtype; the parameters stay float32
-    module = models.build(config, len(model.class_names))
+        converted = convert.convert("videomae", tmp, os.path.join(tmp, "flax"))
     x = np.random.default_rng(0).normal(
-        size=(args.batch, args.frames, args.image, args.image, 3)).astype(np.float32)
-    forward = jax.jit(lambda v, clip: module.apply(v, clip)[0])
-    variables, clip = jax.device_put(model.variables), jax.device_put(x)
-
+        size=(case["batch"], case["frames"], case["image"], case["image"], 3)).astype(np.float32)
     torch_x = torch.from_numpy(np.ascontiguousarray(np.transpose(x, (0, 1, 4, 2, 3))))
     with torch.inference_mode():
         expected = reference(pixel_values=torch_x).logits.numpy()
-    error = float(np.max(np.abs(np.asarray(forward(variables, clip)) - expected)))
+        torch_rate = (case["batch"] / common.seconds_per_call(
+            lambda: reference(pixel_values=torch_x), case["iters"]) if on_cpu else None)
 
-    jax_s = _time(lambda: forward(variables, clip).block_until_ready(), args.iters)
-    gflops = flops.gflops(lambda v, c: module.apply(v, c)[0], variables, clip)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"jax {jax.__version__} on {jax.devices()[0].device_kind}; torch {torch.__version__}")
-    print(f"VideoMAE-{args.size.upper()} forward, batch {args.batch}, "
-          f"{args.frames}x{args.image}x{args.image}, {args.dtype}; max |dlogits| vs "
-          f"transformers (float32) {error:.2e}; XLA counts {gflops / args.batch:.1f} GFLOPs/clip")
-    print(f"dmd_jax:      {args.batch / jax_s:8.3f} clips/s")
-    if not args.skip_torch:
-        with torch.inference_mode():
-            torch_s = _time(lambda: reference(pixel_values=torch_x), args.iters)
-        print(f"transformers: {args.batch / torch_s:8.3f} clips/s  (torch threads "
-              f"{torch.get_num_threads()})")
-        print(f"ratio dmd_jax / transformers: {torch_s / jax_s:.2f}x")
-    kind = jax.devices()[0].device_kind
-    peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in kind), 0.0)
-    if peak:
-        print(f"MFU: {gflops / jax_s / 1e3 / peak:.1%} of {peak:.0f} TFLOP/s ({kind})")
+    name = f"VideoMAE-{case['size'].upper()} {case['frames']}x{case['image']}x{case['image']}"
+    rows, compile_seconds, errors = [], {}, {}
+    for dtype in ["float32"] if on_cpu else ["float32", "bfloat16"]:
+        config = converted.model_config.copy_and_resolve_references()
+        config.dtype = dtype  # compute dtype; the parameters stay float32
+        module = models.build(config, len(converted.class_names))
+        apply = lambda v, clip: module.apply(v, clip)[0]  # noqa: E731
+        variables, clip = jax.device_put(converted.variables), jax.device_put(x)
+        forward, compile_s = common.timed_compile(jax.jit(apply), variables, clip)
+        errors[dtype] = float(np.max(np.abs(np.asarray(forward(variables, clip)) - expected)))
+        seconds = common.seconds_per_call(
+            lambda: forward(variables, clip).block_until_ready(), case["iters"])
+        gflops = flops.compiled_gflops(forward)
+        rate = case["batch"] / seconds
+        reference_rate = torch_rate if dtype == "float32" else None
+        rows.append([name, dtype, case["batch"], rate, reference_rate,
+                     common.ratio(rate, reference_rate), gflops / case["batch"],
+                     f"{errors[dtype]:.1e}", common.mfu(gflops * 1e9 / seconds,
+                                                        device["device_kind"])])
+        compile_seconds[f"VideoMAE forward, {name}, {dtype}"] = compile_s
+    return common.Section(
+        title="VideoMAE forward: dmd_jax vs transformers",
+        command="python -m benchmarks.videomae_forward",
+        setup=(f"Random-weight transformers model converted with `dmd_jax.convert`; the same "
+               f"batch through both, {case['iters']} timed iterations after one warm-up, one "
+               f"{device['backend']} device. max |Δlogits| is against transformers in float32."),
+        columns=["model", "dtype", "batch", "dmd_jax clips/s", "transformers clips/s", "ratio",
+                 "GFLOPs/clip", "max abs dlogits", "MFU"],
+        rows=rows, compile_seconds=compile_seconds, devices=device)
 
 
 if __name__ == "__main__":
-    main()
+    common.main(run, __doc__)

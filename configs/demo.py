@@ -33,6 +33,9 @@ def data_config(size: str = "demo") -> ml_collections.ConfigDict:
         frames=8,
         size=32,
         split_sizes=splits,
+        # The jobs' split names -> tfds split specs, for datasets published with other
+        # splits (e.g. unlabelled='train[50%:90%]'); unset names are used as they are.
+        split_specs={},
         root="",  # video_folder only
         tfds_config="ucf101_1_256",  # ucf101 only
     ))

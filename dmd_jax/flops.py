@@ -14,7 +14,12 @@ import jax
 
 def gflops(fn: Callable[..., Any], *example_args: Any) -> float:
     """GFLOPs of one call of `jax.jit(fn)` on `example_args`, from XLA's cost analysis."""
-    analysis = jax.jit(fn).lower(*example_args).compile().cost_analysis()
+    return compiled_gflops(jax.jit(fn).lower(*example_args).compile())
+
+
+def compiled_gflops(compiled: jax.stages.Compiled) -> float:
+    """GFLOPs of one call of an already compiled function (no second compilation)."""
+    analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):  # older jax: one dict per computation
         analysis = analysis[0]
     flops = (analysis or {}).get("flops")

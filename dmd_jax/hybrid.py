@@ -63,7 +63,7 @@ class HybridClassifier:
             score = jax.nn.sigmoid(switcher.apply({"params": switcher_params}, features, logits))
             return logits, score
 
-        self._edge_and_switcher = jax.jit(edge_and_switcher)
+        self.edge_and_switcher = jax.jit(edge_and_switcher)  # the device-side half
         one_clip = jnp.zeros((1, *edge.input_shape), jnp.uint8)
         self.edge_gflops_per_clip = flops.gflops(edge_and_switcher, one_clip)
 
@@ -90,7 +90,7 @@ class HybridClassifier:
                    cloud_gflops, point["fusion_weight"])
 
     def __call__(self, clips: np.ndarray) -> HybridResult:
-        edge_logits, scores = (np.asarray(x) for x in self._edge_and_switcher(clips))
+        edge_logits, scores = (np.asarray(x) for x in self.edge_and_switcher(clips))
         offloaded = scores < self.threshold
         predictions = edge_logits.argmax(-1)
         if offloaded.any():

@@ -47,7 +47,10 @@ class LoadedModel:
         return self.module.apply(self.variables, video, train=False)
 
     def classify(self, clips: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
-        """Inference on uint8 clips, normalised with this model's own statistics."""
+        """Inference on uint8 clips of any length and size: resampled to this model's
+        `input_shape` (a no-op when they match), normalised with its own statistics."""
+        frames, size = self.input_shape[0], self.input_shape[1]
+        clips = pipeline.resample(clips, frames, size)
         return self.logits_and_features(
             pipeline.normalize(clips, *models.input_stats(self.model_config)))
 

@@ -13,6 +13,7 @@ import concurrent.futures
 import importlib.util
 from typing import Any, Iterable, Iterator
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -73,13 +74,21 @@ def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
 
 
 class Split:
-    """One split of a prepared dataset: random access to `(video, label, id)` rows."""
+    """One split of a prepared dataset: random access to `(video, label, id)` rows.
 
-    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, frames: int, size: int):
-        if split not in builder.info.splits:
-            raise ValueError(f"dataset {builder.name} has no split {split!r}; it has "
-                             f"{sorted(builder.info.splits)}")
-        self.name = split
+    `split` is a tfds split name, optionally sliced (`"train[:80%]"`, `"train[80%:]"`),
+    so datasets published with only train/test (UCF101, HMDB51) still give the
+    unlabelled pool and the calibration set. A row's `id` is its position in this split
+    (slice): stable across runs, hosts and batchings, which is what resumable labelling
+    and the per-clip corruption keys rely on."""
+
+    def __init__(self, builder: tfds.core.DatasetBuilder, split: str, frames: int, size: int,
+                 name: str | None = None):
+        base = split.split("[", 1)[0]
+        if base not in builder.info.splits:
+            raise ValueError(f"dataset {builder.name} has no split {base!r}; it has "
+                             f"{sorted(builder.info.splits)} (slices like 'train[:80%]' work)")
+        self.name = name or split  # the jobs' name for it (output folders, logs)
         self._source = builder.as_data_source(split=split)
         self._frames, self._size = frames, size
         self.num_classes = builder.info.features["label"].num_classes
@@ -93,8 +102,17 @@ class Split:
         return {
             "video": np.stack([_fit_clip(e["video"], self._frames, self._size) for e in examples]),
             "label": np.asarray([e["label"] for e in examples], np.int32),
-            "id": np.asarray([e["id"] for e in examples], np.int32),
+            "id": np.asarray(indices, np.int32),
         }
+
+
+def open_split(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDict,
+                name: str) -> Split:
+    """The split the jobs call `name` ('train', 'unlabelled', 'calibration', 'test'):
+    `data.split_specs[name]` when set (e.g. 'train[50%:90%]' for UCF101's unlabelled
+    pool), else the dataset's split of that name; at the config's clip shape."""
+    spec = (data.get("split_specs") or {}).get(name, name)
+    return Split(builder, spec, data.frames, data.size, name=name)
 
 
 def _fit_clip(video: np.ndarray, frames: int, size: int) -> np.ndarray:
@@ -152,6 +170,24 @@ def prefetch(batches: Iterable[Any], depth: int = 2) -> Iterator[Any]:
                 return
             pending.append(pool.submit(next, iterator, None))
             yield batch
+
+
+def resample(video: jnp.ndarray, frames: int, size: int) -> jnp.ndarray:
+    """uint8 clips `(B, T, H, W, 3)` -> `(B, frames, size, size, 3)` on the device.
+
+    Models with different input shapes read one prepared dataset (e.g. an X3D-S edge at
+    13x160 and a VideoMAE cloud at 16x224): uniform temporal sampling as in
+    `_fit_clip`, then an antialiased bilinear resize. A no-op at the right shape."""
+    _, length, height, width, channels = video.shape
+    if (length, height, width) == (frames, size, size):
+        return video
+    if length != frames:
+        video = video[:, np.linspace(0, length - 1, frames).round().astype(int)]
+    if (height, width) != (size, size):
+        resized = jax.image.resize(video.astype(jnp.float32),
+                                   (video.shape[0], frames, size, size, channels), "bilinear")
+        video = jnp.clip(jnp.round(resized), 0, 255).astype(jnp.uint8)
+    return video
 
 
 def normalize(video: jnp.ndarray, mean: tuple[float, ...] = MEAN,

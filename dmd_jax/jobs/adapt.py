@@ -53,7 +53,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     edge_model = model_store.load(config.edge.path, role="edge")
     builder = pipeline.prepare(config.data)
-    split = pipeline.Split(builder, cfg.split, config.data.frames, config.data.size)
+    split = pipeline.open_split(builder, config.data, cfg.split)
     if edge_model.class_names != split.class_names:
         raise UserError(f"the edge model ({edge_model.source}) was trained on other classes "
                         f"than split {split.name!r}; train or convert it for this dataset")
@@ -107,8 +107,7 @@ def _method_builders(config: ml_collections.ConfigDict, edge: Adaptable, builder
         return Adaptable.of(label.zero_shot_for(cloud, config.cloud.path, builder))
 
     def eata() -> baselines.Method:
-        fisher_split = pipeline.Split(builder, cfg.tta.fisher_split, config.data.frames,
-                                      config.data.size)
+        fisher_split = pipeline.open_split(builder, config.data, cfg.tta.fisher_split)
         count = min(cfg.tta.fisher_clips, len(fisher_split))
         count -= count % cfg.batch_size
         rows = parallel.host_slice(cfg.batch_size)

@@ -59,7 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"splits": {}, "devices": parallel.describe()}
     for split_name in cfg.splits:
-        split = pipeline.Split(builder, split_name, config.data.frames, config.data.size)
+        split = pipeline.open_split(builder, config.data, split_name)
         _check_classes(split, edge, cloud)
         stats = _label_split(infer, split, cfg, mesh, os.path.join(workdir, split_name))
         summary["splits"][split_name] = stats

@@ -155,8 +155,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     parallel.check_global_batch(cfg.eval_batch_size, mesh)
 
     builder = pipeline.prepare(config.data)
-    train_split = pipeline.Split(builder, "train", config.data.frames, config.data.size)
-    eval_split = pipeline.Split(builder, cfg.eval_split, config.data.frames, config.data.size)
+    train_split = pipeline.open_split(builder, config.data, "train")
+    eval_split = pipeline.open_split(builder, config.data, cfg.eval_split)
     model_config, pretrained = config.model, None
     if cfg.init_from:  # fine-tune an exported or converted model: its architecture comes along
         pretrained = model_store.load(cfg.init_from, role="initialisation (train.init_from)")

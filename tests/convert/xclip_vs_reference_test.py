@@ -123,16 +123,29 @@ def test_new_class_names_equal_a_fresh_conversion(tmp_path):
 
 
 def test_label_job_with_a_zero_shot_cloud(tmp_path, data_dir, tiny_pipeline):
-    """X-CLIP as the cloud: prompted with the dataset's class names, no training."""
+    """X-CLIP as the cloud: prompted with the dataset's class names, no training. The edge
+    takes another clip shape than the cloud (4x24x24 vs 8x32x32, as an X3D-S edge at 13x160
+    next to a 16x224 cloud): each model sees the dataset's clips resampled to its own."""
     from conftest import tiny_config
+    from dmd_jax import model_store
+    from dmd_jax.data import pipeline
     from dmd_jax.jobs import label
 
     _reference(8, 32, 8).save_pretrained(tmp_path)  # the tiny dataset's 8 x 32 x 32 clips
     _tiny_clip_tokenizer(tmp_path)
     convert.convert("xclip", str(tmp_path), str(tmp_path / "xclip"), class_names=CLASSES)
-    summary = label.run(tiny_config(data_dir, job="label", **{
-        "edge.path": f"{tiny_pipeline}/edge/model", "cloud.path": str(tmp_path / "xclip"),
-        "label.splits": ("test",)}), str(tmp_path / "label"))
+    edge = model_store.load(f"{tiny_pipeline}/edge/model")
+    model_store.save(str(tmp_path / "edge"), edge.model_config, edge.class_names, edge.variables,
+                     (4, 24, 24, 3), "the tiny edge, at a smaller clip shape")
+    config = tiny_config(data_dir, job="label", **{
+        "edge.path": str(tmp_path / "edge"), "cloud.path": str(tmp_path / "xclip"),
+        "label.splits": ("test",)})
+    summary = label.run(config, str(tmp_path / "label"))
     labels = label.read_split(str(tmp_path / "label"), "test")
     assert labels["cloud_logits"].shape == (32, 12)  # the dataset's 12 classes, not CLASSES
     assert summary["splits"]["test"]["num_clips"] == 32
+    clips = pipeline.open_split(pipeline.make_builder(config.data), config.data, "test").rows(
+        np.arange(4))["video"]
+    assert clips.shape[1:4] == (8, 32, 32)
+    expected = edge.logits_and_features(pipeline.normalize(pipeline.resample(clips, 4, 24)))[0]
+    np.testing.assert_allclose(labels["edge_logits"][:4], expected, rtol=1e-4, atol=1e-4)

@@ -91,3 +91,36 @@ def test_ucf101_hook_names_the_builder_or_the_missing_tensorflow(tmp_path):
 def test_unknown_dataset_name_is_refused(tmp_path):
     with pytest.raises(ValueError, match="synthetic_actions"):
         pipeline.make_builder(tiny_config(str(tmp_path), **{"data.name": "kinetics"}).data)
+
+
+def test_split_specs_slice_a_published_split_into_the_jobs_splits(data_dir):
+    """UCF101/HMDB51 ship train/test only: the unlabelled pool and the calibration set are
+    slices of train, and each slice's ids are its own positions (what labelling resumes on)."""
+    config = tiny_config(data_dir, **{"data.split_specs": {"unlabelled": "train[:25%]",
+                                                           "calibration": "train[25%:]"}}).data
+    builder = pipeline.make_builder(config)
+    pool = pipeline.open_split(builder, config, "unlabelled")
+    calibration = pipeline.open_split(builder, config, "calibration")
+    test = pipeline.open_split(builder, config, "test")  # not in split_specs: as published
+    assert (pool.name, len(pool), len(calibration), len(test)) == ("unlabelled", 16, 48, 32)
+    train = pipeline.Split(builder, "train", config.frames, config.size)
+    got = calibration.rows(np.arange(3))
+    np.testing.assert_array_equal(got["id"], [0, 1, 2])
+    np.testing.assert_array_equal(got["video"], train.rows(np.arange(16, 19))["video"])
+    with pytest.raises(ValueError, match="'validation'.*slices like"):
+        pipeline.Split(builder, "validation[:10%]", config.frames, config.size)
+
+
+def test_resample_to_another_models_clip_shape():
+    rng = np.random.default_rng(0)
+    clips = rng.integers(0, 255, (2, 16, 8, 8, 3), dtype=np.uint8)
+    assert pipeline.resample(clips, 16, 8) is clips  # right shape: untouched
+    out = np.asarray(pipeline.resample(clips, 4, 8))  # temporal only: frames 0, 5, 10, 15
+    np.testing.assert_array_equal(out, clips[:, [0, 5, 10, 15]])
+    flat = np.full((1, 4, 8, 8, 3), 77, np.uint8)
+    out = np.asarray(pipeline.resample(flat, 3, 5))
+    assert out.shape == (1, 3, 5, 5, 3) and out.dtype == np.uint8 and (out == 77).all()
+    halves = np.zeros((1, 2, 8, 8, 3), np.uint8)
+    halves[:, :, :, 4:] = 200  # left half dark, right half bright: stays so at half size
+    out = np.asarray(pipeline.resample(halves, 2, 4))
+    assert (out[..., :, :2, :] < 60).all() and (out[..., :, 2:, :] > 140).all()

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from conftest import REPO, tiny_config
+from conftest import REPO, TEST_XLA_FLAGS, tiny_config
 from dmd_jax.jobs import train
 
 SETTINGS = {"train.steps": 4, "train.checkpoint_every": 2, "train.eval_every": 100}
@@ -35,7 +35,7 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(data_dir, tmp_
     procs = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={
                                   **os.environ, "JAX_PLATFORMS": "cpu",
-                                  "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+                                  "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=4",
                                   "DMD_COORDINATOR": f"127.0.0.1:{port}",
                                   "DMD_NUM_PROCESSES": "2", "DMD_PROCESS_ID": str(i)})
              for i in range(2)]

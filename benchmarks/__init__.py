@@ -1,0 +1,1 @@
+"""Benchmarks against the reference implementations; `python -m benchmarks.suite` runs them all."""
