@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from dmd_jax import parallel
 from dmd_jax.data import builders, synthetic
@@ -41,6 +42,9 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         config = builders.SyntheticActionsConfig.create(render, sizes, data.seed)
         return builders.SyntheticActions(config=config, **common)
     if data.name == "video_folder":
+        if not data.root:
+            raise UserError("config.data.name='video_folder' needs the folder of videos: "
+                            "--config.data.root=DIR (laid out DIR/<split>/<class>/<video>)")
         return builders.VideoFolder.for_folder(data.root, data.frames, data.size, **common)
     if data.name == "ucf101":
         if importlib.util.find_spec("tensorflow") is None:
@@ -89,6 +93,9 @@ class Split:
             raise ValueError(f"dataset {builder.name} has no split {base!r}; it has "
                              f"{sorted(builder.info.splits)} (slices like 'train[:80%]' work)")
         self.name = name or split  # the jobs' name for it (output folders, logs)
+        if builder.info.splits[split].num_examples == 0:
+            raise UserError(f"split {self.name!r} ({split!r} of {builder.name}) holds no clips: "
+                            "widen its slice in config.data.split_specs")
         self._source = builder.as_data_source(split=split)
         self._frames, self._size = frames, size
         self.num_classes = builder.info.features["label"].num_classes
@@ -116,12 +123,18 @@ def open_split(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDic
 
 
 def _fit_clip(video: np.ndarray, frames: int, size: int) -> np.ndarray:
-    """Uniform temporal sampling for datasets stored at another length (e.g. ucf101)."""
+    """A stored clip at the config's shape: uniform temporal sampling (datasets stored at
+    their own length, e.g. ucf101), then, if the frames are another size (ucf101_1_256
+    stores 256x256), a centre square crop resized to `size` (the usual test-time view)."""
     if video.shape[0] != frames:
         video = video[np.linspace(0, video.shape[0] - 1, frames).round().astype(int)]
-    if video.shape[1:3] != (size, size):
-        raise ValueError(f"clips are {video.shape[1:3]} pixels but config.data.size={size}; "
-                         "re-prepare the dataset at that size")
+    height, width = video.shape[1:3]
+    if (height, width) != (size, size):
+        side = min(height, width)
+        top, left = (height - side) // 2, (width - side) // 2
+        crops = video[:, top:top + side, left:left + side]
+        video = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR))
+                          for f in crops])
     return video
 
 

@@ -97,13 +97,16 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
                  workdir: str) -> ml_collections.ConfigDict:
     """`config.stages[name]` with the shared settings and the earlier stages' paths."""
     stage = ml_collections.ConfigDict(config.stages[name].to_dict())
-    stage.data = ml_collections.ConfigDict(config.data.to_dict())
+    # Shared data; a stage may change its clip shape (`stages.edge.data.frames=13`).
+    overrides = stage.data.to_dict() if "data" in stage else {}
+    stage.data = ml_collections.ConfigDict({**config.data.to_dict(), **overrides})
     stage.seed, stage.num_devices = config.seed, config.num_devices
     if stage.job not in JOBS:
         raise ValueError(f"config.stages.{name}.job={stage.job!r} is not a job; available: "
                          f"{sorted(JOBS)}")
     stage.edge.path = os.path.join(workdir, "edge", "model")
-    stage.cloud.path = os.path.join(workdir, "teacher", "model")
+    if "teacher" in config.stage_order:  # else the config's cloud (e.g. zero-shot X-CLIP)
+        stage.cloud.path = os.path.join(workdir, "teacher", "model")
     stage.switcher.label_dir = stage.hybrid.label_dir = os.path.join(workdir, "label")
     stage.hybrid.switcher_dir = os.path.join(workdir, "switcher")
     return stage

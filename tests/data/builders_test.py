@@ -102,3 +102,30 @@ def test_missing_video_folder_is_named(tmp_path):
                                            "data.root": str(tmp_path / "nope")}).data
     with pytest.raises(FileNotFoundError, match="nope"):
         pipeline.prepare(config)
+
+
+def test_real_config_splits_a_train_test_folder_into_the_four_splits(video_root, tmp_path):
+    """configs/real.py's HMDB51 layout (train/ and test/ only) on videos this test wrote: the
+    jobs' four splits, each clip of train in exactly one of train/unlabelled/calibration."""
+    from conftest import REPO
+    from dmd_jax.config_utils import load_config
+
+    config = load_config(f"{REPO}/configs/real.py:hmdb51,label").data
+    config.update(root=video_root, data_dir=str(tmp_path), frames=4, size=24)
+    builder = pipeline.prepare(config)
+    from dmd_jax.errors import UserError
+    with pytest.raises(UserError, match=r"'calibration' \('train\[90%:\]'.*holds no clips"):
+        pipeline.open_split(builder, config, "calibration")  # 10% of 4 clips
+    config.split_specs.update(unlabelled="train[50%:75%]", calibration="train[75%:]")
+    splits = {name: pipeline.open_split(builder, config, name)
+              for name in ("train", "unlabelled", "calibration", "test")}
+    assert [len(splits[n]) for n in splits] == [2, 1, 1, 4]
+    assert splits["unlabelled"].name == "unlabelled"
+    whole = pipeline.Split(builder, "train", 4, 24).rows(np.arange(4))["video"]
+    got = np.concatenate([splits[n].rows(np.arange(len(splits[n])))["video"]
+                          for n in ("train", "unlabelled", "calibration")])
+    np.testing.assert_array_equal(got, whole)
+    stored = pipeline.Split(builder, "test", 2, 24).rows(np.arange(2))["video"]
+    smaller = pipeline.Split(builder, "test", 2, 16).rows(np.arange(2))["video"]  # resized
+    assert smaller.shape == (2, 2, 16, 16, 3)
+    np.testing.assert_allclose(smaller.mean((1, 2, 3, 4)), stored.mean((1, 2, 3, 4)), atol=4)

@@ -1,0 +1,55 @@
+"""configs/real.py: every dataset x stage x cloud is a complete config for its job."""
+
+import pytest
+
+from conftest import REPO
+from dmd_jax.config_utils import flat_keys, load_config
+from dmd_jax.jobs import pipeline as pipeline_job
+
+REAL = f"{REPO}/configs/real.py"
+DEMO = f"{REPO}/configs/demo.py"
+DATASETS = ("ucf101", "hmdb51", "kinetics400", "ssv2")
+STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
+
+
+@pytest.mark.parametrize("dataset", DATASETS)
+@pytest.mark.parametrize("stage", STAGES)
+def test_every_stage_has_every_key_its_job_reads(dataset, stage):
+    """The demo's stage configs are what the jobs' tests run: a real config that lacked one
+    of their keys would fail hours into a run, so none may be missing."""
+    real = load_config(f"{REAL}:{dataset},{stage}")
+    demo = load_config(f"{DEMO}:{stage}")
+    assert real.job == demo.job
+    missing = set(flat_keys(demo)) - set(flat_keys(real)) - {"data.split_sizes"}
+    missing = {k for k in missing if not k.startswith("data.split_sizes.")}
+    assert not missing
+    assert set(real.data.split_specs) == {"train", "unlabelled", "calibration", "test"}
+    assert (real.data.frames, real.data.size) == ((13, 160) if stage == "edge" else (16, 224))
+
+
+def test_pipeline_stages_get_their_clip_shape_and_models(tmp_path):
+    config = load_config(f"{REAL}:ucf101,pipeline")
+    assert config.stage_order == ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
+    edge = pipeline_job.stage_config(config, "edge", str(tmp_path))
+    label = pipeline_job.stage_config(config, "label", str(tmp_path))
+    assert (edge.data.frames, edge.data.size, edge.train.init_from) == (13, 160, "models/x3d_s")
+    assert (label.data.frames, label.data.size) == (16, 224)
+    assert label.cloud.path == f"{tmp_path}/teacher/model"
+    assert edge.data.split_specs.unlabelled == "train[50%:90%]"
+
+
+def test_zero_shot_cloud_has_no_teacher_stage(tmp_path):
+    config = load_config(f"{REAL}:hmdb51,pipeline,xclip")
+    assert "teacher" not in config.stage_order
+    label = pipeline_job.stage_config(config, "label", str(tmp_path))
+    assert label.cloud.path == "models/xclip_b32"
+    assert label.adapt.cema.redundancy_margin == pytest.approx(0.05 * (1000 / 51) ** 0.5, abs=0.01)
+    with pytest.raises(ValueError, match="zero-shot"):
+        load_config(f"{REAL}:hmdb51,teacher,xclip")
+
+
+def test_bad_argument_names_the_choices():
+    with pytest.raises(ValueError, match="unknown dataset 'ucf'.*ucf101"):
+        load_config(f"{REAL}:ucf,edge")
+    with pytest.raises(ValueError, match="DATASET,STAGE"):
+        load_config(f"{REAL}:ucf101")
