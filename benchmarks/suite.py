@@ -1,6 +1,6 @@
 """Runs every benchmark and rewrites BENCHMARKS.md from their results.
 
-    python -m benchmarks.suite [--only NAME,...] [--quick] [--output BENCHMARKS.md]
+    python -m benchmarks.suite [--only NAME,...] [--quick] [--output BENCHMARKS.md] [--render]
 
 Each benchmark runs in its own process (a crash or an out-of-memory in one cannot take
 the others down, and `scaling` needs its own device counts) with JAX's persistent
@@ -124,8 +124,11 @@ def main() -> None:
                         help="where results are kept (default benchmarks/results; a temporary "
                              "directory with --quick)")
     parser.add_argument("--output", default=None, help="default BENCHMARKS.md (none with --quick)")
+    parser.add_argument("--render", action="store_true",
+                        help="run nothing: re-render the output from the stored results "
+                             "(after editing benchmarks/notes/)")
     args = parser.parse_args()
-    names = [n for n in args.only.split(",") if n]
+    names = [] if args.render else [n for n in args.only.split(",") if n]
     unknown = sorted(set(names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; available: {', '.join(BENCHMARKS)}")
