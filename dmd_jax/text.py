@@ -9,6 +9,7 @@ end-of-text token the tower pools at.
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -34,9 +35,18 @@ def load_tokenizer(directory: str):
     return tokenizer
 
 
+def readable(class_name: str) -> str:
+    """A dataset's class name as words: 'brush_hair' (HMDB51) -> 'brush hair',
+    'ApplyEyeMakeup' (UCF101) -> 'apply eye makeup'; names with spaces stay as they are."""
+    name = class_name.replace("_", " ")
+    if " " not in name and re.search(r"[a-z][A-Z]", name):
+        name = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name).lower()
+    return name
+
+
 def prompts(class_names: tuple[str, ...], template: str) -> list[str]:
-    """`template` filled with each class name, underscores read as spaces."""
-    return [template.format(name.replace("_", " ")) for name in class_names]
+    """`template` filled with each class name, read as words (`readable`)."""
+    return [template.format(readable(name)) for name in class_names]
 
 
 def tokenize(tokenizer, texts: list[str], context_length: int) -> np.ndarray:

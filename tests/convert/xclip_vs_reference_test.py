@@ -149,3 +149,16 @@ def test_label_job_with_a_zero_shot_cloud(tmp_path, data_dir, tiny_pipeline):
     assert clips.shape[1:4] == (8, 32, 32)
     expected = edge.logits_and_features(pipeline.normalize(pipeline.resample(clips, 4, 24)))[0]
     np.testing.assert_allclose(labels["edge_logits"][:4], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,words", [
+    ("ApplyEyeMakeup", "apply eye makeup"),  # UCF101
+    ("brush_hair", "brush hair"),  # HMDB51
+    ("playing guitar", "playing guitar"),  # Kinetics: already words
+    ("Pushing [something] from left to right", "Pushing [something] from left to right"),  # SSv2
+    ("YoYo", "yo yo"),
+    ("PUSH", "PUSH"),
+])
+def test_class_names_are_prompted_as_words(name, words):
+    assert text.readable(name) == words
+    assert text.prompts((name,), "a video of {}.") == [f"a video of {words}."]
