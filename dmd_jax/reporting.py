@@ -57,6 +57,22 @@ def write_json(path: str, data: Mapping[str, Any]) -> None:
         write_atomic(path, text + "\n")
 
 
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display on TPU VMs or in CI)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
+    """Writes `fig` as a PNG atomically (temporary file, then rename) and closes it."""
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=dpi)
+    pyplot().close(fig)
+    os.replace(tmp, path)
+
+
 def _nan_to_none(x: Any) -> Any:
     if isinstance(x, Mapping):
         return {k: _nan_to_none(v) for k, v in x.items()}

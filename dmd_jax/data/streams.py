@@ -44,12 +44,21 @@ class Stream:
         return np.char.add(np.char.add(names, "@"), self.severity.astype(str))
 
 
+def clip_order(num_clips: int, batch_size: int, seed: int) -> np.ndarray:
+    """The split's rows in the order every stream meets them: shuffled once with `seed`,
+    cut to whole batches (so every batch, and every normalisation statistic, is full)."""
+    usable = num_clips - num_clips % batch_size
+    if usable == 0:
+        raise ValueError(f"the stream split has {num_clips} clips, fewer than one batch "
+                         f"of {batch_size}; lower config.adapt.batch_size")
+    return np.random.default_rng(seed).permutation(num_clips)[:usable]
+
+
 def make_streams(protocol: str, num_clips: int, corruption_names: tuple[str, ...],
                  severities: tuple[int, ...], batch_size: int, seed: int) -> list[Stream]:
     """The streams of `protocol` over `num_clips` clips (shuffled once, with `seed`).
 
-    Each corruption sees the clips in the same order; clips past the last whole batch are
-    dropped so that every batch, and so every method's normalisation statistics, is full.
+    Each corruption sees the clips in the same order (`clip_order`).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"unknown adapt protocol {protocol!r}; use one of {PROTOCOLS}")
@@ -57,11 +66,8 @@ def make_streams(protocol: str, num_clips: int, corruption_names: tuple[str, ...
         if name not in corruptions.CORRUPTIONS:
             raise ValueError(f"unknown corruption {name!r}; available: "
                              f"{sorted(corruptions.CORRUPTIONS)}")
-    usable = num_clips - num_clips % batch_size
-    if usable == 0:
-        raise ValueError(f"the stream split has {num_clips} clips, fewer than one batch "
-                         f"of {batch_size}; lower config.adapt.batch_size")
-    order = np.random.default_rng(seed).permutation(num_clips)[:usable]
+    order = clip_order(num_clips, batch_size, seed)
+    usable = len(order)
     segments = [Stream(f"{name}@{severity}", order, np.full(usable, c), np.full(usable, severity),
                        corruption_names)
                 for severity in severities for c, name in enumerate(corruption_names)]

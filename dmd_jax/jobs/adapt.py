@@ -136,11 +136,10 @@ def _clean_accuracy(source: baselines.Method, split: pipeline.Split,
     """The source model's accuracy on the uncorrupted stream clips: rPC's denominator."""
     path = os.path.join(workdir, "clean_source.npz")
     if not os.path.exists(path):
-        usable = len(split) - len(split) % cfg.batch_size
-        order = np.random.default_rng(cfg.seed).permutation(len(split))[:usable]
+        order = streams.clip_order(len(split), cfg.batch_size, cfg.seed)  # the streams' clips
         rows = parallel.host_slice(cfg.batch_size)
         predictions, labels = [], []
-        for start in range(0, usable, cfg.batch_size):
+        for start in range(0, len(order), cfg.batch_size):
             host = split.rows(order[start:start + cfg.batch_size][rows])
             logits = source.process(parallel.to_global(host["video"], mesh)).logits
             predictions.append(logits.argmax(-1))
@@ -329,9 +328,7 @@ def _settings(settings: dict[str, Any]) -> str:
 
 
 def _plot(path: str, summary: dict[str, Any]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = reporting.pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for name, m in summary["methods"].items():
@@ -346,7 +343,4 @@ def _plot(path: str, summary: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    reporting.save_figure(fig, path)

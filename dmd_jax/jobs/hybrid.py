@@ -174,9 +174,7 @@ def _calibrate(cfg: ml_collections.ConfigDict, data: dict[str, np.ndarray],
 
 def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
           summary: dict[str, Any]) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = reporting.pyplot()
 
     rates = routing.OFFLOAD_GRID
     gflops = costs["edge"] + costs["switcher"] + rates * costs["cloud"]
@@ -198,10 +196,7 @@ def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
     axes[1].set_xlabel("GFLOPs per clip")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    reporting.save_figure(fig, path)
 
 
 def markdown(summary: dict[str, Any]) -> str:
