@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from dmd_jax import parallel
 from dmd_jax.errors import UserError
 
 
@@ -46,6 +47,18 @@ def check_compatible(saved: dict[str, list[int]], target: Any, directory: str) -
                 f"checkpoint in {directory}: parameter {key.lstrip('.')} has shape {tuple(saved[key])} "
                 f"but this model expects {tuple(shape)}. It was written by another model config: "
                 "use a fresh --workdir, or restore the config it was written with.")
+
+
+def restore_everywhere(path: str, abstract: Any) -> Any:
+    """Restores the arrays at `path`, replicated on every device of this job, whatever
+    topology saved them: a model exported by one process is used by a pod's many.
+    (Restoring without shardings makes orbax reuse the saved ones, which fails on a
+    different device count.) `abstract`: the tree's shapes and dtypes."""
+    sharding = parallel.replicated(parallel.make_mesh())
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                          abstract)
+    with ocp.StandardCheckpointer() as restorer:
+        return restorer.restore(epath.Path(path).absolute(), target)
 
 
 class Checkpointer:

@@ -91,9 +91,8 @@ def load(directory: str, role: str = "model") -> LoadedModel:
     expected = jax.eval_shape(
         lambda: module.init(jax.random.key(0), jnp.zeros((1, *info["input_shape"]))))
     checkpoint.check_compatible(info["shapes"], dict(expected), directory)
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, dict(expected))
-    with ocp.StandardCheckpointer() as restorer:
-        variables = restorer.restore(epath.Path(directory).absolute() / "variables", abstract)
+    variables = checkpoint.restore_everywhere(os.path.join(directory, "variables"),
+                                              dict(expected))
     return LoadedModel(module, dict(variables), model_config, class_names,
                        tuple(info["input_shape"]), info["source"])
 

@@ -135,7 +135,11 @@ def _clean_accuracy(source: baselines.Method, split: pipeline.Split,
                     cfg: ml_collections.ConfigDict, mesh, workdir: str) -> float:
     """The source model's accuracy on the uncorrupted stream clips: rPC's denominator."""
     path = os.path.join(workdir, "clean_source.npz")
-    if not os.path.exists(path):
+    # Every host must take the same branch (the forward passes are collective), and only
+    # the main host writes: decide on its view of the disk, use the in-memory result.
+    if parallel.broadcast_from_main(np.asarray(os.path.exists(path))):
+        saved = dict(np.load(path))
+    else:
         order = streams.clip_order(len(split), cfg.batch_size, cfg.seed)  # the streams' clips
         rows = parallel.host_slice(cfg.batch_size)
         predictions, labels = [], []
@@ -144,9 +148,8 @@ def _clean_accuracy(source: baselines.Method, split: pipeline.Split,
             logits = source.process(parallel.to_global(host["video"], mesh)).logits
             predictions.append(logits.argmax(-1))
             labels.append(parallel.gather_host_rows(host["label"]))
-        reporting.save_npz(path, prediction=np.concatenate(predictions),
-                           label=np.concatenate(labels))
-    saved = np.load(path)
+        saved = {"prediction": np.concatenate(predictions), "label": np.concatenate(labels)}
+        reporting.save_npz(path, **saved)
     return float(np.mean(saved["prediction"] == saved["label"]))
 
 

@@ -201,8 +201,9 @@ def save(directory: str, cfg: ml_collections.ConfigDict, target: str, params: An
         os.remove(info_path)
     with ocp.StandardCheckpointer() as saver:
         saver.save(epath.Path(directory).absolute() / "params", params, force=True)
-    reporting.write_json(info_path, {"hidden": list(cfg.hidden),
-                                     "dropout_rate": cfg.dropout_rate, "target": target})
+    reporting.write_json(info_path, {
+        "hidden": list(cfg.hidden), "dropout_rate": cfg.dropout_rate, "target": target,
+        "feature_dim": int(params["feature_norm"]["scale"].shape[0])})
 
 
 def load(directory: str) -> tuple[Switcher, Any, str]:
@@ -215,6 +216,12 @@ def load(directory: str) -> tuple[Switcher, Any, str]:
     with open(info_path) as f:
         info = json.load(f)
     model = Switcher(hidden=tuple(info["hidden"]), dropout_rate=info["dropout_rate"])
-    with ocp.StandardCheckpointer() as restorer:
-        params = restorer.restore(epath.Path(directory).absolute() / "params")
+    path = os.path.join(directory, "params")
+    if "feature_dim" in info:  # onto this job's devices, whatever topology saved it
+        abstract = jax.eval_shape(model.init, jax.random.key(0),
+                                  jnp.zeros((1, info["feature_dim"])), jnp.zeros((1, 2)))
+        params = checkpoint.restore_everywhere(path, abstract["params"])
+    else:  # saved before feature_dim was recorded: as it was saved (same topology only)
+        with ocp.StandardCheckpointer() as restorer:
+            params = restorer.restore(epath.Path(path).absolute())
     return model, params, info["target"]
