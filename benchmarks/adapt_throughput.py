@@ -14,7 +14,6 @@ again, cloud steps and host-side filtering included.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -22,26 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import common
+from benchmarks.demo_models import CLOUD_DIR, DEMO_CLIP as CLIP, EDGE_DIR, demo_or_random
 from configs import demo
-from dmd_jax import model_store, models, parallel
+from dmd_jax import parallel
 from dmd_jax.data import corruptions, synthetic
-from dmd_jax.model_store import LoadedModel
 from dmd_jax.references import pytorchvideo_create_x3d
 from dmd_jax.tta import baselines, cema
 from dmd_jax.tta.adaptable import Adaptable
 
-CLIP = (8, 32, 32, 3)
-EDGE_DIR, CLOUD_DIR = "runs/demo/edge/model", "runs/demo/teacher/model"
-
-
-def load_or_random(path: str, arch: dict, seed: int) -> tuple[LoadedModel, str]:
-    if os.path.exists(os.path.join(path, "model.json")):
-        return model_store.load(path), path
-    config = demo.model_config(arch)
-    module = models.build(config, len(synthetic.CLASSES))
-    variables = module.init(jax.random.key(seed), jnp.zeros((1, *CLIP)))
-    return LoadedModel(module, dict(variables), config, synthetic.CLASSES, CLIP,
-                       "random"), "random init"
 
 
 def corrupted_stream(batches: int, batch: int, mesh) -> list[jax.Array]:
@@ -119,8 +106,10 @@ def run(quick: bool) -> common.Section:
     mesh = parallel.make_mesh()
     device = parallel.describe()
     batches = 4 if quick else 16
-    edge_model, edge_from = load_or_random(EDGE_DIR, demo.EDGE, 0)
-    cloud_model, cloud_from = load_or_random(CLOUD_DIR, demo.TEACHER, 1)
+    edge_model = demo_or_random(EDGE_DIR, demo.EDGE, 0)
+    cloud_model = demo_or_random(CLOUD_DIR, demo.TEACHER, 1)
+    edge_from = EDGE_DIR if edge_model.source != "random" else "random init"
+    cloud_from = CLOUD_DIR if cloud_model.source != "random" else "random init"
     edge, cloud = Adaptable.of(edge_model), Adaptable.of(cloud_model)
     stream = corrupted_stream(batches, config.batch_size, mesh)
     reference = (torch_rates(demo.EDGE, [jax.device_get(c) for c in stream],
