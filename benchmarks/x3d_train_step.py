@@ -42,7 +42,8 @@ def jax_step_rate(kwargs: dict, batch: int, frames: int, crop: int, steps: int, 
     """clips/s, compile seconds, GFLOPs per step and parameter count of dmd_jax's step."""
     model = X3D(num_classes=NUM_CLASSES, dropout_rate=0.0, dtype=dtype, **kwargs)
     cfg = ml_collections.ConfigDict(dict(optimizer="sgd", learning_rate=0.01, warmup_steps=0,
-                                         steps=10**6, weight_decay=0.0, momentum=0.9))
+                                         schedule="cosine", steps=10**6, weight_decay=0.0,
+                                         momentum=0.9))
     tx = train.make_optimizer(cfg)
     repl = parallel.replicated(mesh)
     state = jax.jit(functools.partial(train.init_state, model, tx, (frames, crop, crop, 3), 0),

@@ -9,7 +9,7 @@ One stage at a time (each resumes if killed; the paths below are the defaults):
     python -m dmd_jax.main --config configs/demo.py:hybrid --workdir runs/demo/hybrid
     python -m dmd_jax.main --config configs/demo.py:adapt --workdir runs/demo/adapt
 
-Variants (`file.py:arg`): `edge` (default) trains the tiny X3D edge; `teacher` the ~8x
+Variants (`file.py:arg`): `edge` (default) trains the tiny X3D edge; `teacher` the ~12x
 larger X3D the hybrid system defers to (the cloud model); `label`, `switcher` and
 `hybrid` run the DMD stages on their outputs; `adapt` adapts the edge under corrupted
 video (CEMA, with the teacher as its cloud, and the baselines); `pipeline` runs them all;
@@ -41,7 +41,7 @@ def data_config(size: str = "demo") -> ml_collections.ConfigDict:
     ))
 
 
-# Model sizes: the edge is tiny (95k parameters); the teacher ~8x its parameters (734k).
+# Model sizes: the edge is tiny (95k parameters); the teacher ~12x its parameters (1.18M).
 # The teacher is wide and shallow: on 2 CPU cores a deeper X3D (width 1.0, depth 2.2,
 # 694k) learned far more slowly per step and missed the demo budget (see issue 2 notes).
 EDGE = dict(width_factor=0.5, depth_factor=1.0, head_dim=128)
@@ -58,9 +58,9 @@ VARIANTS = {"edge": "train", "teacher": "train", "label": "label",
             "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "tiny": "train",
             "adapt": "adapt", "pipeline": "pipeline", "tiny_pipeline": "pipeline"}
 PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
-# The pipeline's adapt stage is a short look (~2 min on 2 CPU cores); the full comparison
+# The pipeline's adapt stage is a short look (~1 min on 2 CPU cores); the full comparison
 # (every method, all 15 corruptions) is `configs/demo.py:adapt`.
-PIPELINE_ADAPT = dict(corruptions=("gaussian_noise", "defocus_blur", "fog", "jpeg"),
+PIPELINE_ADAPT = dict(corruptions=("gaussian_noise", "fog"),
                       methods=("source", "norm", "tent", "cema"))
 
 
@@ -96,8 +96,12 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
             switcher_target="hard",
             calibration_split="calibration",
             test_split="test",
-            target_offload=0.3,  # offload rate the threshold is calibrated to ...
-            gflops_budget=0.0,  # ... or, if > 0, the best accuracy within this many GFLOPs/clip
+            # The operating point: the best calibration accuracy within this fraction of the
+            # cloud alone's GFLOPs per clip, or within `gflops_budget` GFLOPs per clip if
+            # > 0; with both 0, the offload rate `target_offload`.
+            compute_budget=0.5,
+            gflops_budget=0.0,
+            target_offload=0.3,
             fusion=True,  # cloud-side fusion of cloud and edge log-probabilities
         ),
     ))
@@ -216,6 +220,11 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
         optimizer="adamw",  # 'adamw' or 'sgd'
         learning_rate=3e-3,
         warmup_steps=60,
+        # Warm-up, constant, then a cosine over the last 20% ('wsd'; or 'cosine'
+        # throughout): in 600 steps the edge reaches 88.6% under 'wsd', 70.7% under
+        # 'cosine' (2 CPU cores, 2026-11-21).
+        schedule="wsd",
+        decay_fraction=0.2,
         weight_decay=1e-4,
         momentum=0.9,  # sgd only
         label_smoothing=0.0,
@@ -228,7 +237,9 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
         init_from="",  # a model directory (exported or converted) to fine-tune from
     ))
     if arg == "teacher":
-        config.train.update(steps=1200, eval_every=600)  # ~8x the parameters, 2x the steps
+        # ~12x the edge's parameters and 4x its width: a third of its learning rate (at
+        # the edge's 3e-3 the teacher reached 83.7% in 600 steps, at 1e-3 94.2%).
+        config.train.update(steps=600, eval_every=600, learning_rate=1e-3, decay_fraction=0.3)
     if tiny:
         # lax.conv depthwise: half the compile time of "shifted", which only pays off
         # over many steps (both are tested equal).

@@ -85,6 +85,7 @@ def stage_config(dataset: str, stage: str, cloud: str) -> ml_collections.ConfigD
     config.cloud.path = f"{runs}/teacher/model" if cloud == "videomae" else "models/xclip_b32"
     config.model.update(width_factor=2.0, depth_factor=2.2, head_dim=2048, dropout_rate=0.5)
     config.train.update(batch_size=32, eval_batch_size=64, eval_split="calibration",
+                        schedule="cosine",
                         log_every=50, eval_every=1000, checkpoint_every=500)
     if stage == "edge":  # fine-tune X3D-S from Kinetics-400 at its own clip shape
         config.data.update(frames=EDGE_CLIP[0], size=EDGE_CLIP[1])

@@ -147,12 +147,21 @@ def _priorities(data: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> 
     return priorities
 
 
+def _gflops_budget(cfg: ml_collections.ConfigDict, costs: dict[str, float]) -> float:
+    """GFLOPs per clip the operating point may spend (0: none, use `target_offload`):
+    `gflops_budget` as given, else `compute_budget` times the cloud alone's cost."""
+    if cfg.gflops_budget > 0:
+        return float(cfg.gflops_budget)
+    return float(cfg.get("compute_budget", 0.0)) * costs["cloud"]
+
+
 def _calibrate(cfg: ml_collections.ConfigDict, data: dict[str, np.ndarray],
                costs: dict[str, float]) -> tuple[float, float, float]:
     """(offload rate, fusion weight, threshold), all chosen on the calibration split."""
     max_rate = cfg.target_offload
-    if cfg.gflops_budget > 0:
-        spare = cfg.gflops_budget - costs["edge"] - costs["switcher"]
+    budget = _gflops_budget(cfg, costs)
+    if budget > 0:
+        spare = budget - costs["edge"] - costs["switcher"]
         max_rate = float(np.clip(spare / costs["cloud"], 0.0, 1.0))
     # Fusion: the weight whose cloud-side answer is best on the clips offloaded at max_rate.
     weight = 1.0
@@ -163,7 +172,7 @@ def _calibrate(cfg: ml_collections.ConfigDict, data: dict[str, np.ndarray],
                         for w in FUSION_GRID]
             weight = float(FUSION_GRID[int(np.argmax(accuracy))])
     rate = max_rate
-    if cfg.gflops_budget > 0:  # the best calibration accuracy at any rate within budget
+    if budget > 0:  # the best calibration accuracy at any rate within budget
         answers = _answers(data, weight)
         curve = routing.deferral_curve(-data["dmd_switcher"], answers["edge_correct"],
                                        answers["cloud_side_correct"])

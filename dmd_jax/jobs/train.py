@@ -53,10 +53,29 @@ TrainMetrics = metrics.Collection.create(
     grad_norm=metrics.Average.from_output("grad_norm"))
 
 
+def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up, then either cosine decay over the rest ('cosine') or a constant
+    rate with a cosine decay over the last `decay_fraction` of the steps ('wsd',
+    warmup-stable-decay). Short runs learn more under 'wsd': the rate stays at its peak
+    while the model is still far from a solution instead of decaying through it."""
+    steps = max(train.steps, train.warmup_steps + 1)
+    if train.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, train.learning_rate,
+                                                  train.warmup_steps, steps)
+    if train.schedule == "wsd":
+        decay = max(1, min(steps - train.warmup_steps, round(train.decay_fraction * steps)))
+        stable = steps - train.warmup_steps - decay
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, train.learning_rate, train.warmup_steps),
+             optax.constant_schedule(train.learning_rate),
+             optax.cosine_decay_schedule(train.learning_rate, decay)],
+            boundaries=[train.warmup_steps, train.warmup_steps + stable])
+    raise ValueError(f"unknown config.train.schedule {train.schedule!r}; use 'cosine' or 'wsd'")
+
+
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Linear warm-up then cosine decay; AdamW or SGD with momentum."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, train.learning_rate, train.warmup_steps, max(train.steps, train.warmup_steps + 1))
+    """AdamW or SGD with momentum, on `make_schedule`'s learning rates."""
+    schedule = make_schedule(train)
     if train.optimizer == "adamw":
         return optax.adamw(schedule, weight_decay=train.weight_decay)
     if train.optimizer == "sgd":

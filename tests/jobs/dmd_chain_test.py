@@ -156,6 +156,10 @@ def test_label_refuses_labels_made_by_other_models(runs):
 def test_gflops_budget_calibration(runs, tmp_path):
     root, summaries, config = runs
     point = summaries["hybrid"]["operating_point"]
+    # The default (compute_budget=0.5): at most half the cloud alone's GFLOPs per clip.
+    spare = 0.5 * point["cloud_gflops_per_clip"] - point["edge_gflops_per_clip"] - point[
+        "switcher_gflops_per_clip"]
+    assert point["target_offload"] <= spare / point["cloud_gflops_per_clip"] + 1e-9
     budget = (point["edge_gflops_per_clip"] + point["switcher_gflops_per_clip"]
               + 0.25 * point["cloud_gflops_per_clip"])
     from dmd_jax.jobs import hybrid as hybrid_job

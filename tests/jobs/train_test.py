@@ -111,3 +111,19 @@ def test_unwritable_workdir_is_a_clear_error(data_dir, tmp_path):
     with pytest.raises(reporting.WorkdirError, match="--workdir"):
         train.run(tiny_config(data_dir), str(blocker / "run"))
     assert blocker.read_text() == "a file, not a folder"
+
+
+def test_learning_rate_schedules():
+    import ml_collections
+    base = dict(learning_rate=1.0, warmup_steps=10, steps=100, decay_fraction=0.2)
+    wsd = train.make_schedule(ml_collections.ConfigDict(dict(base, schedule="wsd")))
+    cosine = train.make_schedule(ml_collections.ConfigDict(dict(base, schedule="cosine")))
+    # Both warm up linearly from 0 to the peak.
+    for schedule in (wsd, cosine):
+        np.testing.assert_allclose([schedule(0), schedule(5), schedule(10)], [0.0, 0.5, 1.0])
+    # 'wsd' holds the peak until the last 20 steps, then decays to 0; cosine decays from 10.
+    np.testing.assert_allclose([wsd(50), wsd(79), wsd(80)], 1.0)
+    assert 0.0 < wsd(90) < 1.0 and cosine(50) < 1.0
+    np.testing.assert_allclose([wsd(100), cosine(100)], 0.0, atol=1e-7)
+    with pytest.raises(ValueError, match="schedule"):
+        train.make_schedule(ml_collections.ConfigDict(dict(base, schedule="linear")))
