@@ -58,7 +58,7 @@ VARIANTS = {"edge": "train", "teacher": "train", "label": "label",
             "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "tiny": "train",
             "adapt": "adapt", "pipeline": "pipeline", "tiny_pipeline": "pipeline"}
 PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
-# The pipeline's adapt stage is a short look (~1 min on 2 CPU cores); the full comparison
+# The pipeline's adapt stage is a short look (~2 min on 2 CPU cores); the full comparison
 # (every method, all 15 corruptions) is `configs/demo.py:adapt`.
 PIPELINE_ADAPT = dict(corruptions=("gaussian_noise", "fog"),
                       methods=("source", "norm", "tent", "cema"))
