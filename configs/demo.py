@@ -248,6 +248,9 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
         config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
                             batch_size=8, eval_batch_size=16, warmup_steps=1)
         config.label.update(batch_size=8, chunk_size=16)
+        # Tiny models cost about the same (the edge alone is over half the cloud): a fixed
+        # offload rate instead of a compute budget.
+        config.hybrid.compute_budget = 0.0
         config.switcher.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
         config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"))
         config.adapt.tta.fisher_clips = 16

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Callable
 
 import jax
@@ -86,7 +87,7 @@ class HybridClassifier:
         cloud_gflops = flops.gflops(
             lambda v: cloud_model.classify(v)[0],
             jnp.zeros((1, *cloud_model.input_shape), jnp.uint8))
-        return cls(edge, module, params, point["threshold"], cloud or local_cloud(cloud_model),
+        return cls(edge, module, params, _threshold(point), cloud or local_cloud(cloud_model),
                    cloud_gflops, point["fusion_weight"])
 
     def __call__(self, clips: np.ndarray) -> HybridResult:
@@ -100,3 +101,11 @@ class HybridClassifier:
         spent = len(clips) * self.edge_gflops_per_clip + offloaded.sum() * self.cloud_gflops_per_clip
         return HybridResult(predictions, offloaded, scores, float(spent),
                             int(clips[offloaded].nbytes))
+
+
+def _threshold(point: dict) -> float:
+    """The operating point's threshold. JSON holds no infinities, so an operating point
+    that offloads nothing (or everything) stores null: decode it from its offload rate."""
+    if point["threshold"] is not None:
+        return float(point["threshold"])
+    return math.inf if point["target_offload"] >= 1.0 else -math.inf

@@ -153,16 +153,22 @@ def test_label_refuses_labels_made_by_other_models(runs):
         label.run(config(job="label", **{"cloud.path": f"{root}/edge/model"}), f"{root}/label")
 
 
-def test_gflops_budget_calibration(runs, tmp_path):
+def test_budget_calibration(runs, tmp_path):
+    """A budget of edge + switcher + 25% of the cloud, in GFLOPs or as a fraction of the
+    cloud alone, allows at most 25% offload; an impossible budget offloads nothing."""
     root, summaries, config = runs
     point = summaries["hybrid"]["operating_point"]
-    # The default (compute_budget=0.5): at most half the cloud alone's GFLOPs per clip.
-    spare = 0.5 * point["cloud_gflops_per_clip"] - point["edge_gflops_per_clip"] - point[
-        "switcher_gflops_per_clip"]
-    assert point["target_offload"] <= spare / point["cloud_gflops_per_clip"] + 1e-9
     budget = (point["edge_gflops_per_clip"] + point["switcher_gflops_per_clip"]
               + 0.25 * point["cloud_gflops_per_clip"])
     from dmd_jax.jobs import hybrid as hybrid_job
-    summary = hybrid_job.run(config(job="evaluate_hybrid", **{"hybrid.gflops_budget": budget}),
-                             str(tmp_path))
-    assert summary["operating_point"]["target_offload"] <= 0.25 + 1e-9
+    for name, override in (("gflops", {"hybrid.gflops_budget": budget}),
+                           ("fraction", {"hybrid.compute_budget":
+                                         budget / point["cloud_gflops_per_clip"]}),
+                           ("impossible", {"hybrid.compute_budget": 1e-6})):
+        summary = hybrid_job.run(config(job="evaluate_hybrid", **override), str(tmp_path / name))
+        assert summary["operating_point"]["target_offload"] <= 0.25 + 1e-9
+    assert summary["operating_point"]["offload_rate"] == 0.0
+    system = hybrid.HybridClassifier.from_dirs(  # a null (infinite) threshold loads
+        f"{root}/edge/model", f"{root}/switcher/hard/switcher",
+        str(tmp_path / "impossible" / "operating_point.json"), f"{root}/teacher/model")
+    assert system.threshold == -np.inf
