@@ -4,7 +4,8 @@ Reads the label job's calibration and test splits (edge features and logits, clo
 logits, ground truth) and the trained switchers, then:
 
 1. tunes the cloud-side fusion weight and the switcher threshold on the *calibration*
-   split: to a target offload rate, or to the best accuracy under a GFLOPs budget;
+   split: to a target offload rate, or to the best accuracy under a GFLOPs budget (per
+   clip, or a fraction of the cloud alone's);
 2. on the *test* split, sweeps every router of METHODS.md §1 over offload rates 0..1
    (deferral curves) and summarises them (AUC, APGR, CPT, oracle gap);
 3. reports the operating point: realised offload rate, accuracy, GFLOPs per clip (XLA's
@@ -152,7 +153,7 @@ def _gflops_budget(cfg: ml_collections.ConfigDict, costs: dict[str, float]) -> f
     `gflops_budget` as given, else `compute_budget` times the cloud alone's cost."""
     if cfg.gflops_budget > 0:
         return float(cfg.gflops_budget)
-    return float(cfg.get("compute_budget", 0.0)) * costs["cloud"]
+    return float(cfg.compute_budget) * costs["cloud"]
 
 
 def _calibrate(cfg: ml_collections.ConfigDict, data: dict[str, np.ndarray],
