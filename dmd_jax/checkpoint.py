@@ -1,7 +1,7 @@
 """Checkpoints: a thin wrapper over orbax's CheckpointManager.
 
 A checkpoint is a step directory holding two items: `state` (any pytree of arrays,
-saved with StandardSave) and `meta` (JSON: what a resumed run must check or restore,
+saved with orbax's pytree handler) and `meta` (JSON: what a resumed run must check or restore,
 e.g. the data position). Orbax writes each step to a temporary directory and renames
 it when complete, so a job killed mid-save leaves no half-written step behind. A step
 that is present but unreadable (a damaged disk, a file truncated by hand) is skipped
@@ -20,6 +20,38 @@ from etils import epath
 
 from dmd_jax import parallel
 from dmd_jax.errors import UserError
+
+
+# Orbax saves a replicated array "replica-parallel" by default: each replica writes a
+# slice of it, cut by an eager `lax.slice` that compiles once per array shape, so the first
+# save of a train state with a hundred parameter shapes spent ~7 s compiling slices (8 CPU
+# devices) for arrays of a few kilobytes. Slicing only pays off for large arrays.
+MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL = 4 << 20
+
+
+def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler, replica-parallel only for arrays of >= 4 MiB per replica."""
+    handlers = ocp.type_handlers
+    scalar = handlers.ScalarHandler()
+    registry = handlers.create_type_handler_registry(  # orbax's defaults but jax.Array's (no
+        # per-host array metadata files: restores name their shardings)
+        (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
+        (np.ndarray, handlers.NumpyHandler()), (str, handlers.StringHandler()),
+        (jax.Array, handlers.ArrayHandler(
+            min_slice_bytes_for_replica_parallel=MIN_SLICE_BYTES_FOR_REPLICA_PARALLEL)))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def save_tree(path: str, tree: Any) -> None:
+    """Writes a pytree of arrays to `path` (a directory; replaced if present). Every host
+    takes part; orbax coordinates them."""
+    with ocp.Checkpointer(_pytree_handler()) as saver:
+        saver.save(epath.Path(path).absolute(), args=ocp.args.PyTreeSave(tree), force=True)
+
+
+def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
+    return ocp.args.PyTreeRestore(
+        abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -57,8 +89,8 @@ def restore_everywhere(path: str, abstract: Any) -> Any:
     sharding = parallel.replicated(parallel.make_mesh())
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract)
-    with ocp.StandardCheckpointer() as restorer:
-        return restorer.restore(epath.Path(path).absolute(), target)
+    with ocp.Checkpointer(_pytree_handler()) as restorer:
+        return restorer.restore(epath.Path(path).absolute(), args=_restore_args(target))
 
 
 class Checkpointer:
@@ -68,12 +100,14 @@ class Checkpointer:
         self.directory = str(epath.Path(directory).absolute())
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": _pytree_handler(), "meta": ocp.JsonCheckpointHandler()})
 
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
         meta = {**meta, "step": int(step), "shapes": shapes(state)}
         self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            state=ocp.args.PyTreeSave(state), meta=ocp.args.JsonSave(meta)))
 
     def steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
@@ -96,7 +130,7 @@ class Checkpointer:
             check_compatible(meta.get("shapes", {}), target, self.directory)
             try:
                 restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract)))
+                    state=_restore_args(abstract)))
             except Exception as err:  # noqa: BLE001
                 logging.warning("checkpoint step %d in %s is unreadable (%s); trying the "
                                 "previous one", step, self.directory, err)

@@ -19,8 +19,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import orbax.checkpoint as ocp
-from etils import epath
 
 from dmd_jax import checkpoint, models, parallel, reporting
 from dmd_jax.data import pipeline
@@ -68,8 +66,7 @@ def save(directory: str, model_config: ml_collections.ConfigDict, class_names: t
             os.remove(info_path)  # incomplete until the new variables are on disk
         if os.path.exists(target):
             shutil.rmtree(target)
-    with ocp.StandardCheckpointer() as saver:  # every host takes part; orbax coordinates
-        saver.save(epath.Path(target), variables)
+    checkpoint.save_tree(target, variables)
     reporting.write_json(info_path, {
         "model": model_config.to_dict(), "class_names": list(class_names), "source": source,
         "input_shape": list(input_shape), "shapes": checkpoint.shapes(variables)})

@@ -199,8 +199,7 @@ def save(directory: str, cfg: ml_collections.ConfigDict, target: str, params: An
     info_path = os.path.join(directory, "switcher.json")
     if parallel.is_main_process() and os.path.exists(info_path):
         os.remove(info_path)
-    with ocp.StandardCheckpointer() as saver:
-        saver.save(epath.Path(directory).absolute() / "params", params, force=True)
+    checkpoint.save_tree(os.path.join(directory, "params"), params)
     reporting.write_json(info_path, {
         "hidden": list(cfg.hidden), "dropout_rate": cfg.dropout_rate, "target": target,
         "feature_dim": int(params["feature_norm"]["scale"].shape[0])})
