@@ -210,9 +210,15 @@ def _shape_distance(shape: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
 
 
 def _draw(frames: np.ndarray, sprite: _Sprite, cfg: RenderConfig) -> None:
-    """Alpha-composites the sprite onto `frames` in place, with 1-pixel anti-aliasing."""
+    """Alpha-composites the sprite onto `frames` in place, with 1-pixel anti-aliasing.
+
+    Only the rows and columns the sprite can touch are computed: outside them its alpha
+    is exactly 0, so the result is the same as computing every pixel (and ~2x faster)."""
     size = max(cfg.height, cfg.width)
-    yy, xx = np.mgrid[0:cfg.height, 0:cfg.width] / size
+    rows, cols = _reach(sprite, size, cfg.height, cfg.width)
+    if rows.start >= rows.stop or cols.start >= cols.stop:
+        return
+    yy, xx = np.mgrid[rows, cols] / size
     dx = xx[None] - sprite.centre[:, 0, None, None]
     dy = yy[None] - sprite.centre[:, 1, None, None]
     cos, sin = np.cos(sprite.angle)[:, None, None], np.sin(sprite.angle)[:, None, None]
@@ -223,11 +229,27 @@ def _draw(frames: np.ndarray, sprite: _Sprite, cfg: RenderConfig) -> None:
 
     stripes = 0.5 + 0.5 * np.sin(u * sprite.stripe_freq * np.pi) if sprite.stripe_freq else 0.0
     colour = sprite.colour + (sprite.stripe_colour - sprite.colour) * np.asarray(stripes)[..., None]
-    _composite(frames, alpha, colour)
+    window = frames[:, rows, cols]  # a view: compositing writes through to `frames`
+    _composite(window, alpha, colour)
     # The marker is drawn over the body, not clipped by it: thin shapes would hide it.
     marker_dist = np.hypot(u - sprite.marker_offset, v) / sprite.marker_radius
     marker_alpha = np.clip((1.0 - marker_dist) * sprite.marker_radius * r * size + 0.5, 0.0, 1.0)
-    _composite(frames, marker_alpha[..., None], sprite.marker_colour)
+    _composite(window, marker_alpha[..., None], sprite.marker_colour)
+
+
+def _reach(sprite: _Sprite, size: int, height: int, width: int) -> tuple[slice, slice]:
+    """The rows and columns outside which the sprite's alpha is 0 in every frame.
+
+    Alpha is > 0 only where `_shape_distance < 1 + 0.5 / (r * size)`, and every shape's
+    distance is at least `|(u, v)| / sqrt(2)` (the cross is the loosest), so nothing is
+    drawn beyond `sqrt(2) * (r * size + 0.5)` pixels from the centre; the marker ends
+    `(offset + radius) * r * size + 0.5` pixels out. One pixel more for rounding."""
+    extent = max(np.sqrt(2.0), sprite.marker_offset + sprite.marker_radius)
+    reach = extent * (sprite.radius * size + 0.5) + 1.0
+    x, y = sprite.centre[:, 0] * size, sprite.centre[:, 1] * size
+    rows = slice(max(0, int(np.floor(np.min(y - reach)))), min(height, int(np.ceil(np.max(y + reach))) + 1))
+    cols = slice(max(0, int(np.floor(np.min(x - reach)))), min(width, int(np.ceil(np.max(x + reach))) + 1))
+    return rows, cols
 
 
 def _composite(frames: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:

@@ -82,3 +82,14 @@ def test_rotation_is_a_turn_about_a_pivot():
     # Screen y points down: clockwise means a positive cross product of successive steps.
     cross = steps[:-1, 0] * steps[1:, 1] - steps[:-1, 1] * steps[1:, 0]
     assert np.mean(cross > 0) > 0.7
+
+
+def test_drawing_only_where_sprites_reach_changes_no_pixel(monkeypatch):
+    """`_draw` computes only the window `_reach` bounds; every pixel must be what drawing
+    the whole frame gives (sprites near the edges, every shape, every difficulty)."""
+    windowed = [clip for _, clip, _, _ in synthetic.generate(5, "train", 60, CFG)]
+    monkeypatch.setattr(synthetic, "_reach", lambda sprite, size, height, width:
+                        (slice(0, height), slice(0, width)))
+    whole = [clip for _, clip, _, _ in synthetic.generate(5, "train", 60, CFG)]
+    for a, b in zip(windowed, whole):
+        np.testing.assert_array_equal(a, b)
