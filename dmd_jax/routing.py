@@ -32,15 +32,10 @@ def deferral_curve(priority: np.ndarray, edge_correct: np.ndarray, cloud_correct
     ends = np.cumsum(group_size)
     starts = ends - group_size
     gain_before = np.cumsum(group_gain) - group_gain
-    accuracy = []
-    for k in np.rint(np.asarray(rates) * n).astype(int):
-        g = np.searchsorted(ends, k, side="left")  # the group the k-th clip falls in
-        if k == 0:
-            total = 0.0
-        else:
-            total = gain_before[g] + group_gain[g] * (k - starts[g]) / group_size[g]
-        accuracy.append((np.sum(edge_correct) + total) / n)
-    return np.asarray(accuracy)
+    k = np.rint(np.asarray(rates) * n).astype(int)  # clips offloaded at each rate
+    g = np.searchsorted(ends, k, side="left")  # the group the k-th clip falls in
+    total = np.where(k == 0, 0.0, gain_before[g] + group_gain[g] * (k - starts[g]) / group_size[g])
+    return (np.sum(edge_correct) + total) / n
 
 
 def oracle_priority(edge_correct: np.ndarray, cloud_correct: np.ndarray) -> np.ndarray:
@@ -78,6 +73,31 @@ def summarize(curves: dict[str, np.ndarray], edge_accuracy: float,
             "oracle_gap": (auc[name] - auc["random"]) / span if span > 1e-12 else math.nan,
         }
     return out
+
+
+def auc_difference(priority: np.ndarray, baseline: np.ndarray, edge_correct: np.ndarray,
+                   cloud_correct: np.ndarray, num_resamples: int = 1000,
+                   seed: int = 0) -> dict[str, float]:
+    """AUC(priority) - AUC(baseline) with a 95% paired-bootstrap interval over the clips.
+
+    On a thousand test clips two good routers' AUCs differ in the third or fourth
+    decimal, well inside the sampling noise of which clips the edge gets wrong; the
+    interval says whether a difference is more than that. Both routers are scored on
+    the same resampled clips (paired), which cancels most of that noise."""
+    edge_correct, cloud_correct = np.asarray(edge_correct), np.asarray(cloud_correct)
+    priority, baseline = np.asarray(priority), np.asarray(baseline)
+
+    def difference(rows: np.ndarray) -> float:
+        a = deferral_curve(priority[rows], edge_correct[rows], cloud_correct[rows])
+        b = deferral_curve(baseline[rows], edge_correct[rows], cloud_correct[rows])
+        return float(np.mean(a) - np.mean(b))
+
+    rng = np.random.default_rng(seed)
+    n = len(edge_correct)
+    resampled = [difference(rng.integers(0, n, n)) for _ in range(num_resamples)]
+    low, high = np.percentile(resampled, [2.5, 97.5])
+    return {"difference": difference(np.arange(n)), "ci95_low": float(low),
+            "ci95_high": float(high)}
 
 
 def threshold_for_rate(scores: np.ndarray, offload_rate: float) -> float:

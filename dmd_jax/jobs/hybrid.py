@@ -59,15 +59,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     }
     point["compute_fraction_of_cloud"] = point["gflops_per_clip"] / costs["cloud"]
 
+    priorities = _priorities(test, answers)
     curves = {name: routing.deferral_curve(priority, answers["edge_correct"],
                                            answers["cloud_side_correct"])
-              for name, priority in _priorities(test, answers).items()}
+              for name, priority in priorities.items()}
     edge_accuracy = float(answers["edge_correct"].mean())
     cloud_accuracy = float(answers["cloud_correct"].mean())
+    routers = routing.summarize(curves, edge_accuracy, cloud_accuracy)
+    _compare_with_max_prob(routers, priorities, answers, cfg.bootstrap_resamples, config.seed)
     summary = {
         "edge_accuracy": edge_accuracy, "cloud_accuracy": cloud_accuracy,
         "cloud_fused_accuracy": float(answers["cloud_side_correct"].mean()),
-        "routers": routing.summarize(curves, edge_accuracy, cloud_accuracy),
+        "routers": routers,
         "operating_point": point, "num_test_clips": int(len(test["id"])),
         "calibration_split": cfg.calibration_split, "test_split": cfg.test_split,
     }
@@ -146,6 +149,17 @@ def _priorities(data: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> 
         random=np.zeros(len(data["id"])),
         oracle=routing.oracle_priority(answers["edge_correct"], answers["cloud_side_correct"]))
     return priorities
+
+
+def _compare_with_max_prob(routers: dict[str, dict[str, float]], priorities: dict[str, np.ndarray],
+                           answers: dict[str, np.ndarray], resamples: int, seed: int) -> None:
+    """Adds `auc_vs_max_prob` (difference, 95% paired-bootstrap interval) to the learned
+    routers: whether a switcher beats the edge's own confidence is the question."""
+    for name in ("dmd_switcher", "gt_switcher"):
+        if name in routers and resamples > 0:
+            routers[name]["auc_vs_max_prob"] = routing.auc_difference(
+                priorities[name], priorities["max_prob"], answers["edge_correct"],
+                answers["cloud_side_correct"], resamples, seed)
 
 
 def _gflops_budget(cfg: ml_collections.ConfigDict, costs: dict[str, float]) -> float:
@@ -233,6 +247,12 @@ def markdown(summary: dict[str, Any]) -> str:
         f"({point['cloud_gflops_per_clip']:.4f}); fusion weight {point['fusion_weight']:.2f}; "
         f"upload {point['upload_bytes_per_clip']:.0f} bytes per clip.",
     ]
+    for name in ("dmd_switcher", "gt_switcher"):
+        versus = summary["routers"].get(name, {}).get("auc_vs_max_prob")
+        if versus:
+            lines.append(f"\n{name} AUC − max_prob AUC: {versus['difference']:+.4f} "
+                         f"(95% paired bootstrap over the test clips: {versus['ci95_low']:+.4f} "
+                         f"to {versus['ci95_high']:+.4f}).")
     return "\n".join(lines) + "\n"
 
 

@@ -93,6 +93,11 @@ def test_hybrid_summary_contract(runs):
                                  "random", "oracle"}
     for metrics in s["routers"].values():
         assert set(metrics) >= {"auc", "apgr", "cpt_50", "cpt_80", "oracle_gap"}
+    for name in ("dmd_switcher", "gt_switcher"):
+        versus = s["routers"][name]["auc_vs_max_prob"]
+        assert versus["difference"] == pytest.approx(
+            s["routers"][name]["auc"] - s["routers"]["max_prob"]["auc"])
+        assert versus["ci95_low"] <= versus["ci95_high"]
     point = s["operating_point"]
     for key in ("target_offload", "offload_rate", "accuracy", "gflops_per_clip",
                 "cloud_gflops_per_clip"):
