@@ -171,6 +171,8 @@ def run_stream(method: baselines.Method, stream: streams.Stream, reader: streams
         rows["prediction"].append(result.logits.argmax(-1))
         rows["uploaded"].append(result.uploaded)
         rows["learned_from"].append(result.learned_from)
+        for name, mask in (result.filter_failed or {}).items():  # CEMA's upload filters
+            rows.setdefault(f"failed_{name}", []).append(mask)
         for key in ("loss", "bytes_up", "bytes_down", "cloud_steps", "self_resets"):
             batches[key].append(getattr(result, key))
         problem = health_problem(result, adapted, cfg.collapse_fraction, before)
@@ -243,6 +245,10 @@ def summarize(results: dict[str, dict[str, dict[str, np.ndarray]]], clean_accura
                                           / sum(s["seconds"] for s in per_stream.values())),
             "corruptions": conditions,
         }
+        if all("rejected" in c for c in conditions.values()):
+            methods[name]["rejected"] = {
+                k: float(np.mean([c["rejected"][k] for c in conditions.values()]))
+                for k in next(iter(conditions.values()))["rejected"]}
     return {"mpc": {name: m["accuracy"] for name, m in methods.items()},
             "upload": {name: m["upload_fraction"] for name, m in methods.items()},
             "protocol": cfg.protocol, "severities": list(cfg.severities),
@@ -262,11 +268,18 @@ def _rows_by_condition(per_stream: dict[str, dict[str, np.ndarray]]) -> dict[str
         names = s["condition"]
         for cond in np.unique(names):
             keep = names == cond
-            part = {k: s[k][keep] for k in ("label", "prediction", "uploaded", "learned_from")}
+            columns = ("label", "prediction", "uploaded", "learned_from", *_failed_columns(s))
+            part = {k: s[k][keep] for k in columns}
             part.update({k: v[keep] for k, v in per_row.items()})
             grouped.setdefault(str(cond), []).append(part)
-    return {c: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    # Columns every stream has (streams saved before filter failures were recorded lack them).
+    return {c: {k: np.concatenate([p[k] for p in parts])
+                for k in set.intersection(*(set(p) for p in parts))}
             for c, parts in sorted(grouped.items())}
+
+
+def _failed_columns(rows: dict[str, np.ndarray]) -> tuple[str, ...]:
+    return tuple(f"failed_{name}" for name in cema.FILTERS if f"failed_{name}" in rows)
 
 
 def _condition_stats(rows: dict[str, np.ndarray]) -> dict[str, float]:
@@ -276,7 +289,10 @@ def _condition_stats(rows: dict[str, np.ndarray]) -> dict[str, float]:
             "bytes_up": float(rows["bytes_up"].sum()),
             "bytes_down": float(rows["bytes_down"].sum()),
             "cloud_steps": float(rows["cloud_steps"].sum()),
-            "num_clips": int(len(rows["label"]))}
+            "num_clips": int(len(rows["label"])),
+            # CEMA: the fraction of clips each upload filter turned down, each on its own
+            **({"rejected": {k.removeprefix("failed_"): float(np.mean(rows[k]))
+                             for k in _failed_columns(rows)}} if _failed_columns(rows) else {})}
 
 
 def _log_stream(name: str, stream: str, outcome: dict[str, np.ndarray]) -> None:
@@ -306,6 +322,11 @@ def headline_table(summary: dict[str, Any]) -> list[str]:
             f"{m['learned_from_fraction']:.1%} | {m['bytes_up'] / 1e6:.2f} | "
             f"{m['bytes_down'] / 1e3:.1f} | {m['cloud_steps']:.0f} | {m['stability_resets']} | "
             f"{m['stream_clips_per_sec']:.0f} |")
+    for name, m in summary["methods"].items():
+        if m.get("rejected"):
+            turned_down = ", ".join(f"{k} {v:.1%}" for k, v in m["rejected"].items())
+            lines += ["", f"{name}'s upload filters turned down (each on its own, a clip can "
+                      f"fail several): {turned_down} of the stream."]
     return lines
 
 

@@ -43,6 +43,8 @@ class BatchResult:
     bytes_down: int = 0
     cloud_steps: int = 0
     self_resets: int = 0  # resets the method's own rule made (SAR)
+    # CEMA: per upload filter, the (B,) mask of clips it turned down; None: no filters ran
+    filter_failed: dict[str, np.ndarray] | None = None
 
 
 class Method(Protocol):

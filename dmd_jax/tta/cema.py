@@ -76,6 +76,9 @@ def stats_template(model: Adaptable, batch_renorm: bool) -> Any:
     return {}
 
 
+FILTERS = ("unreliable", "low_info", "redundant")
+
+
 class UploadFilter:
     """The edge's three upload filters, on the host (they are sequential and tiny).
 
@@ -102,26 +105,28 @@ class UploadFilter:
             return self.e0
         return self.e0 * self.cfg.lam * (self.entropy_sum / self.seen) / self.warmup_mean
 
-    def select(self, probs: np.ndarray, ent: np.ndarray) -> np.ndarray:
-        """Which clips of this batch go up; updates the running statistics."""
+    def select(self, probs: np.ndarray, ent: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Which clips of this batch go up, and which clips each filter turned down (each
+        judged on its own, so a clip can fail several); updates the running statistics."""
         self.seen += len(ent)
         self.entropy_sum += float(ent.sum())
         if self.warmup_mean is None and self.seen >= self.cfg.warmup_clips:
             self.warmup_mean = self.entropy_sum / self.seen
-        keep = np.ones(len(ent), bool)
+        failed = {name: np.zeros(len(ent), bool) for name in FILTERS}
         if self.cfg.unreliable_filter:
-            keep &= ent < self.e_max()
+            failed["unreliable"] = ~(ent < self.e_max())
         if self.cfg.low_info_filter:
-            keep &= ent > self.e_min
+            failed["low_info"] = ~(ent > self.e_min)
         if self.cfg.redundancy_filter and self.probs_ema is not None:
             cos = probs @ self.probs_ema / np.maximum(
                 np.linalg.norm(probs, axis=-1) * np.linalg.norm(self.probs_ema), 1e-8)
-            keep &= np.abs(cos) < self.cfg.redundancy_margin
+            failed["redundant"] = ~(np.abs(cos) < self.cfg.redundancy_margin)
+        keep = ~np.any(list(failed.values()), axis=0)
         if keep.any():
             mean = probs[keep].mean(0)
             self.probs_ema = mean if self.probs_ema is None else (
                 self.cfg.ema_decay * self.probs_ema + (1 - self.cfg.ema_decay) * mean)
-        return keep
+        return keep, failed
 
 
 class Edge:
@@ -157,17 +162,22 @@ class Edge:
             self.stats, self._stats_ready = stats, True
         return parallel.fetch(logits)
 
-    def select(self, clips: jax.Array, logits: np.ndarray) -> tuple[Upload, np.ndarray]:
-        """The upload for this batch and the mask of the clips in it."""
+    def select(self, clips: jax.Array, logits: np.ndarray
+               ) -> tuple[Upload, np.ndarray, dict[str, np.ndarray] | None]:
+        """The upload for this batch, the mask of the clips in it and which clips each
+        filter turned down (None when every clip goes up, unfiltered)."""
         shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
         probs = np.exp(log_probs)
         ent = -np.sum(probs * log_probs, axis=-1)
-        keep = np.ones(len(logits), bool) if self.upload_all else self.filter.select(probs, ent)
+        if self.upload_all:
+            keep, failed = np.ones(len(logits), bool), None
+        else:
+            keep, failed = self.filter.select(probs, ent)
         if not keep.any():  # most batches: nothing leaves, so nothing is copied to the host
-            return Upload(np.zeros((0, *clips.shape[1:]), clips.dtype)), keep
+            return Upload(np.zeros((0, *clips.shape[1:]), clips.dtype)), keep, failed
         stored = parallel.fetch(clips)  # the clips as the edge stores them
-        return Upload(np.asarray(stored)[keep]), keep
+        return Upload(np.asarray(stored)[keep]), keep, failed
 
     def receive(self, download: Download) -> None:
         self.norm_affine = parallel.put_replicated(download.norm_affine, self._mesh)
@@ -336,7 +346,7 @@ class CEMA:
 
     def process(self, clips: jax.Array) -> BatchResult:
         logits = self.edge.predict(clips)
-        upload, uploaded = self.edge.select(clips, logits)
+        upload, uploaded, failed = self.edge.select(clips, logits)
         download, step_losses = self.cloud.receive(upload)
         if download is not None:
             self.edge.receive(download)
@@ -345,4 +355,4 @@ class CEMA:
             loss=float(np.mean(step_losses)) if step_losses else float("nan"),
             updated=download is not None, bytes_up=upload.nbytes,
             bytes_down=download.nbytes if download is not None else 0,
-            cloud_steps=len(step_losses))
+            cloud_steps=len(step_losses), filter_failed=failed)

@@ -44,6 +44,14 @@ def test_summary_contract(mixed_run):
     rows = np.load(os.path.join(workdir, "mixed", "cema", "mixed.npz"))
     assert summary["methods"]["cema"]["bytes_up"] == rows["uploaded"].sum() * clip_bytes
     assert summary["methods"]["cema"]["upload_fraction"] == pytest.approx(rows["uploaded"].mean())
+    # A clip goes up only if no filter turned it down: the recorded failures explain it.
+    failed = np.any([rows[f"failed_{k}"] for k in ("unreliable", "low_info", "redundant")], 0)
+    np.testing.assert_array_equal(rows["uploaded"], ~failed)
+    rejected = summary["methods"]["cema"]["rejected"]
+    assert set(rejected) == {"unreliable", "low_info", "redundant"}
+    assert all(rejected[k] + summary["methods"]["cema"]["upload_fraction"] <= 1 + 1e-9
+               for k in rejected)
+    assert "rejected" not in summary["methods"]["tent"]
     for name in ("source", "tent"):
         assert summary["methods"][name]["upload_fraction"] == 0.0
         assert summary["methods"][name]["bytes_up"] == 0.0

@@ -162,7 +162,12 @@ def test_upload_filter_thresholds():
     ent = -np.sum(probs * np.log(probs), -1)
     f = cema.UploadFilter(NUM_CLASSES, filter_settings(redundancy_filter=False, dynamic_emax=False))
     # reliable (H < 0.4 ln 5 = 0.64) and informative (H > 0.02 ln 5): only the first
-    assert f.select(probs, ent).tolist() == [True, False, False]
+    keep, failed = f.select(probs, ent)
+    assert keep.tolist() == [True, False, False]
+    # The uniform clip is unreliable, the one-hot one uninformative; the filter is off.
+    assert {k: v.tolist() for k, v in failed.items()} == {
+        "unreliable": [False, True, False], "low_info": [False, False, True],
+        "redundant": [False, False, False]}
     f = cema.UploadFilter(NUM_CLASSES, filter_settings(low_info_filter=False,
                                                        redundancy_filter=False))
     assert f.e_max() == pytest.approx(f.e0)
@@ -177,8 +182,10 @@ def test_upload_filter_redundancy():
     probs = np.asarray([[0.96, 0.01, 0.01, 0.01, 0.01], [0.01, 0.96, 0.01, 0.01, 0.01]])
     ent = -np.sum(probs * np.log(probs), -1)
     f = cema.UploadFilter(NUM_CLASSES, filter_settings(dynamic_emax=False))
-    assert f.select(probs[:1], ent[:1]).tolist() == [True]
-    assert f.select(probs, ent).tolist() == [False, True]  # the first repeats the average
+    assert f.select(probs[:1], ent[:1])[0].tolist() == [True]
+    keep, failed = f.select(probs, ent)
+    assert keep.tolist() == [False, True]  # the first repeats the average
+    assert failed["redundant"].tolist() == [True, False]
 
 
 def test_cema_message_boundary_and_accounting(edge, mesh, shared):
