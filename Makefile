@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 
 # On CPU, XLA allocates each step's scratch buffers afresh (hundreds of MB for the demo
 # teacher) and glibc maps them with 4 KiB pages, so every step page-faults them in again;
-# transparent huge pages for malloc's mappings make the demo's training steps 10-20% faster
+# transparent huge pages for malloc's mappings make the demo's training steps ~10-25% faster
 # (2-core CPU). glibc < 2.35 and other platforms ignore the variable.
 CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
