@@ -33,8 +33,9 @@ def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
     """Orbax's pytree handler, replica-parallel only for arrays of >= 4 MiB per replica."""
     handlers = ocp.type_handlers
     scalar = handlers.ScalarHandler()
-    registry = handlers.create_type_handler_registry(  # orbax's defaults but jax.Array's (no
-        # per-host array metadata files: restores name their shardings)
+    # Orbax's default handlers, except jax.Array's: the slicing threshold, and no per-host
+    # array metadata files (every restore here names its shardings).
+    registry = handlers.create_type_handler_registry(
         (int, scalar), (float, scalar), (bytes, scalar), (np.number, scalar),
         (np.ndarray, handlers.NumpyHandler()), (str, handlers.StringHandler()),
         (jax.Array, handlers.ArrayHandler(

@@ -247,9 +247,13 @@ def _reach(sprite: _Sprite, size: int, height: int, width: int) -> tuple[slice, 
     extent = max(np.sqrt(2.0), sprite.marker_offset + sprite.marker_radius)
     reach = extent * (sprite.radius * size + 0.5) + 1.0
     x, y = sprite.centre[:, 0] * size, sprite.centre[:, 1] * size
-    rows = slice(max(0, int(np.floor(np.min(y - reach)))), min(height, int(np.ceil(np.max(y + reach))) + 1))
-    cols = slice(max(0, int(np.floor(np.min(x - reach)))), min(width, int(np.ceil(np.max(x + reach))) + 1))
-    return rows, cols
+    return _span(y, reach, height), _span(x, reach, width)
+
+
+def _span(centre: np.ndarray, reach: np.ndarray, limit: int) -> slice:
+    """Pixels within `reach` of `centre` in any frame, clipped to `[0, limit)`."""
+    return slice(max(0, int(np.floor(np.min(centre - reach)))),
+                 min(limit, int(np.ceil(np.max(centre + reach))) + 1))
 
 
 def _composite(frames: np.ndarray, alpha: np.ndarray, colour: np.ndarray) -> None:

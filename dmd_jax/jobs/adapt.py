@@ -282,17 +282,18 @@ def _failed_columns(rows: dict[str, np.ndarray]) -> tuple[str, ...]:
     return tuple(f"failed_{name}" for name in cema.FILTERS if f"failed_{name}" in rows)
 
 
-def _condition_stats(rows: dict[str, np.ndarray]) -> dict[str, float]:
-    return {"accuracy": float(np.mean(rows["prediction"] == rows["label"])),
-            "upload_fraction": float(np.mean(rows["uploaded"])),
-            "learned_from_fraction": float(np.mean(rows["learned_from"])),
-            "bytes_up": float(rows["bytes_up"].sum()),
-            "bytes_down": float(rows["bytes_down"].sum()),
-            "cloud_steps": float(rows["cloud_steps"].sum()),
-            "num_clips": int(len(rows["label"])),
-            # CEMA: the fraction of clips each upload filter turned down, each on its own
-            **({"rejected": {k.removeprefix("failed_"): float(np.mean(rows[k]))
-                             for k in _failed_columns(rows)}} if _failed_columns(rows) else {})}
+def _condition_stats(rows: dict[str, np.ndarray]) -> dict[str, Any]:
+    stats = {"accuracy": float(np.mean(rows["prediction"] == rows["label"])),
+             "upload_fraction": float(np.mean(rows["uploaded"])),
+             "learned_from_fraction": float(np.mean(rows["learned_from"])),
+             "bytes_up": float(rows["bytes_up"].sum()),
+             "bytes_down": float(rows["bytes_down"].sum()),
+             "cloud_steps": float(rows["cloud_steps"].sum()),
+             "num_clips": int(len(rows["label"]))}
+    if _failed_columns(rows):  # CEMA: the fraction each upload filter turned down, on its own
+        stats["rejected"] = {k.removeprefix("failed_"): float(np.mean(rows[k]))
+                             for k in _failed_columns(rows)}
+    return stats
 
 
 def _log_stream(name: str, stream: str, outcome: dict[str, np.ndarray]) -> None:

@@ -151,11 +151,14 @@ def _priorities(data: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> 
     return priorities
 
 
+LEARNED_ROUTERS = ("dmd_switcher", "gt_switcher")
+
+
 def _compare_with_max_prob(routers: dict[str, dict[str, float]], priorities: dict[str, np.ndarray],
                            answers: dict[str, np.ndarray], resamples: int, seed: int) -> None:
     """Adds `auc_vs_max_prob` (difference, 95% paired-bootstrap interval) to the learned
     routers: whether a switcher beats the edge's own confidence is the question."""
-    for name in ("dmd_switcher", "gt_switcher"):
+    for name in LEARNED_ROUTERS:
         if name in routers and resamples > 0:
             routers[name]["auc_vs_max_prob"] = routing.auc_difference(
                 priorities[name], priorities["max_prob"], answers["edge_correct"],
@@ -247,7 +250,7 @@ def markdown(summary: dict[str, Any]) -> str:
         f"({point['cloud_gflops_per_clip']:.4f}); fusion weight {point['fusion_weight']:.2f}; "
         f"upload {point['upload_bytes_per_clip']:.0f} bytes per clip.",
     ]
-    for name in ("dmd_switcher", "gt_switcher"):
+    for name in LEARNED_ROUTERS:
         versus = summary["routers"].get(name, {}).get("auc_vs_max_prob")
         if versus:
             lines.append(f"\n{name} AUC − max_prob AUC: {versus['difference']:+.4f} "
