@@ -72,7 +72,7 @@ def data_config(dataset: str) -> ml_collections.ConfigDict:
     data = demo.data_config()
     data.update(overrides)
     data.update(frames=CLOUD_CLIP[0], size=CLOUD_CLIP[1], prepare=True, split_specs=specs)
-    del data.split_sizes  # the synthetic dataset's only
+    del data.split_sizes, data.ceiling_cameras  # the synthetic dataset's only
     return data
 
 
@@ -84,8 +84,8 @@ def stage_config(dataset: str, stage: str, cloud: str) -> ml_collections.ConfigD
     config.edge.path = f"{runs}/edge/model"
     config.cloud.path = f"{runs}/teacher/model" if cloud == "videomae" else "models/xclip_b32"
     config.model.update(width_factor=2.0, depth_factor=2.2, head_dim=2048, dropout_rate=0.5)
-    config.train.update(batch_size=32, eval_batch_size=64, eval_split="calibration",
-                        schedule="cosine",
+    config.train.update(split="train", batch_size=32, eval_batch_size=64,
+                        eval_split="calibration", schedule="cosine",
                         log_every=50, eval_every=1000, checkpoint_every=500)
     if stage == "edge":  # fine-tune X3D-S from Kinetics-400 at its own clip shape
         config.data.update(frames=EDGE_CLIP[0], size=EDGE_CLIP[1])

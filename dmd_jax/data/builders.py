@@ -21,7 +21,6 @@ import tensorflow_datasets as tfds
 
 from dmd_jax.data import synthetic, video_folder
 
-SPLITS = ("train", "calibration", "test", "unlabelled")
 
 
 def _video_features(frames: int, height: int, width: int,
@@ -38,21 +37,29 @@ def _video_features(frames: int, height: int, width: int,
 
 @dataclasses.dataclass
 class SyntheticActionsConfig(tfds.core.BuilderConfig):
-    """Clip geometry, split sizes and seed: everything that changes the bytes."""
+    """Clip geometry, split sizes, ceiling cameras and seed: everything that changes
+    the bytes."""
 
     render: synthetic.RenderConfig = dataclasses.field(default_factory=synthetic.RenderConfig)
     split_sizes: dict[str, int] = dataclasses.field(default_factory=dict)
+    ceiling_cameras: dict[str, float] = dataclasses.field(default_factory=dict)  # split -> fraction
     seed: int = 0
 
     @classmethod
-    def create(cls, render: synthetic.RenderConfig, split_sizes: dict[str, int],
-               seed: int) -> "SyntheticActionsConfig":
+    def create(cls, render: synthetic.RenderConfig, split_sizes: dict[str, int], seed: int,
+               ceiling_cameras: dict[str, float] | None = None) -> "SyntheticActionsConfig":
         """Names the config by a hash of its content, so two settings never share files."""
+        ceiling_cameras = {k: float(v) for k, v in (ceiling_cameras or {}).items() if v}
+        unknown = set(ceiling_cameras) - set(split_sizes)
+        if unknown:
+            raise ValueError(f"ceiling-camera fractions for splits the dataset does not have: "
+                             f"{sorted(unknown)}; its splits are {sorted(split_sizes)}")
         content = json.dumps([synthetic.RENDERER_VERSION, dataclasses.asdict(render),
-                              split_sizes, seed], sort_keys=True)
+                              split_sizes, seed, ceiling_cameras], sort_keys=True)
         digest = hashlib.sha256(content.encode()).hexdigest()[:10]
         name = f"f{render.frames}_{render.height}x{render.width}_s{seed}_{digest}"
-        return cls(name=name, render=render, split_sizes=dict(split_sizes), seed=seed)
+        return cls(name=name, render=render, split_sizes=dict(split_sizes),
+                   ceiling_cameras=ceiling_cameras, seed=seed)
 
 
 class SyntheticActions(tfds.core.GeneratorBasedBuilder):
@@ -80,7 +87,8 @@ class SyntheticActions(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, num_clips: int) -> Iterator[tuple[int, dict]]:
         cfg = self.builder_config
-        chunks = [(cfg.seed, split, start, min(start + 256, num_clips), cfg.render)
+        fraction = cfg.ceiling_cameras.get(split, 0.0)
+        chunks = [(cfg.seed, split, start, min(start + 256, num_clips), cfg.render, fraction)
                   for start in range(0, num_clips, 256)]
         # Rendering is numpy-bound: spread chunks over the cores, keep the order. Spawned,
         # not forked: the parent may already run JAX's threads, and fork would copy locks.
@@ -92,12 +100,10 @@ class SyntheticActions(tfds.core.GeneratorBasedBuilder):
 
 
 def _render_chunk(args) -> list[tuple[int, dict]]:
-    seed, split, start, stop, render = args
+    seed, split, start, stop, render, ceiling_fraction = args
     out = []
     for i in range(start, stop):
-        rng = synthetic.clip_rng(seed, split, i)
-        label = int(rng.integers(len(synthetic.CLASSES)))
-        clip, _ = synthetic.render_clip(rng, label, render)
+        clip, label, _, _ = synthetic.render_example(seed, split, i, render, ceiling_fraction)
         out.append((i, {"video": clip, "label": label, "id": i}))
     return out
 

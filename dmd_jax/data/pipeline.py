@@ -38,8 +38,9 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     common = dict(data_dir=data.data_dir or None, file_format="array_record")
     if data.name == "synthetic_actions":
         render = synthetic.RenderConfig(frames=data.frames, height=data.size, width=data.size)
-        sizes = {split: int(data.split_sizes[split]) for split in builders.SPLITS}
-        config = builders.SyntheticActionsConfig.create(render, sizes, data.seed)
+        sizes = {split: int(n) for split, n in data.split_sizes.items()}
+        ceiling = dict(data.get("ceiling_cameras") or {})
+        config = builders.SyntheticActionsConfig.create(render, sizes, data.seed, ceiling)
         return builders.SyntheticActions(config=config, **common)
     if data.name == "video_folder":
         if not data.root:
@@ -82,16 +83,18 @@ class Split:
 
     `split` is a tfds split name, optionally sliced (`"train[:80%]"`, `"train[80%:]"`),
     so datasets published with only train/test (UCF101, HMDB51) still give the
-    unlabelled pool and the calibration set. A row's `id` is its position in this split
+    unlabelled pool and the calibration set; `+` joins splits (`"train+broad"`). A row's `id` is its position in this split
     (slice): stable across runs, hosts and batchings, which is what resumable labelling
     and the per-clip corruption keys rely on."""
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, frames: int, size: int,
                  name: str | None = None):
-        base = split.split("[", 1)[0]
-        if base not in builder.info.splits:
-            raise ValueError(f"dataset {builder.name} has no split {base!r}; it has "
-                             f"{sorted(builder.info.splits)} (slices like 'train[:80%]' work)")
+        for part in split.split("+"):
+            base = part.split("[", 1)[0]
+            if base not in builder.info.splits:
+                raise ValueError(f"dataset {builder.name} has no split {base!r}; it has "
+                                 f"{sorted(builder.info.splits)} (slices like 'train[:80%]' "
+                                 "and joins like 'train+test' work)")
         self.name = name or split  # the jobs' name for it (output folders, logs)
         if builder.info.splits[split].num_examples == 0:
             raise UserError(f"split {self.name!r} ({split!r} of {builder.name}) holds no clips: "

@@ -10,6 +10,14 @@ Every class has a twin that differs only in the *order* of its frames (right vs 
 right-then-left vs left-then-right, grow vs shrink, ...): a model that averages frames
 cannot tell twins apart, only one that models time can.
 
+Every scene has a floor, darker than the sky above it, so a clip shows which way is up.
+A split can hold clips from a second kind of camera, *ceiling cameras*: mounted upside
+down (the frame turned 180 degrees) in rooms lit by flickering lamps (brightness
+alternating by 20-30% from frame to frame). Their labels stay those of the world
+(`move_right` is towards the floor's right), so a model that has only seen upright
+cameras reads each move backwards, and confidently; turning and growing look the same
+either way up. The flicker is what such a model's features notice of the new camera.
+
 Rendering is pure numpy and deterministic: clip `i` of split `s` under `seed` is the
 same array on every machine and for any chunking of the work.
 """
@@ -27,8 +35,8 @@ CLASSES: tuple[str, ...] = (
 )
 # Bump when rendering changes: it is part of the prepared dataset's name, so stale
 # files are never reused.
-RENDERER_VERSION = 6
-SPLIT_CODES = {"train": 0, "calibration": 1, "test": 2, "unlabelled": 3}
+RENDERER_VERSION = 7
+SPLIT_CODES = {"train": 0, "calibration": 1, "test": 2, "unlabelled": 3, "broad": 4}
 _SHAPES = ("square", "triangle", "cross", "bar", "diamond")
 
 
@@ -68,8 +76,36 @@ def clip_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLIT_CODES[split], index])
 
 
+def render_example(seed: int, split: str, index: int, cfg: RenderConfig,
+                   ceiling_fraction: float = 0.0) -> tuple[np.ndarray, int, float, bool]:
+    """Clip `index` of `split`: its uint8 frames, label, difficulty and whether a ceiling
+    camera filmed it. The scene's draws do not depend on the fraction, so a clip differs
+    between two fractions only in the camera's view of it."""
+    rng = clip_rng(seed, split, index)
+    label = int(rng.integers(len(CLASSES)))
+    ceiling = bool(rng.uniform() < ceiling_fraction)
+    clip, difficulty = render_clip(rng, label, cfg)
+    if ceiling:
+        clip = ceiling_view(clip, flicker_gains(rng, cfg.frames))
+    return clip, label, difficulty, ceiling
+
+
+def flicker_gains(rng: np.random.Generator, frames: int) -> np.ndarray:
+    """Per-frame brightness of a flickering lamp: alternately 20-30% up and down."""
+    sign = np.where(np.arange(frames) % 2 == 0, 1.0, -1.0)
+    return 1.0 + sign * rng.uniform(0.2, 0.3) * rng.uniform(0.7, 1.0, frames)
+
+
+def ceiling_view(clip: np.ndarray, gains: np.ndarray) -> np.ndarray:
+    """What a ceiling camera records of an upright `clip`: turned 180 degrees, each
+    frame's brightness scaled by its `gains`."""
+    turned = clip[:, ::-1, ::-1].astype(np.float32) * gains[:, None, None, None]
+    return (np.clip(turned, 0.0, 255.0) + 0.5).astype(np.uint8)
+
+
 def render_clip(rng: np.random.Generator, label: int, cfg: RenderConfig) -> tuple[np.ndarray, float]:
-    """Renders one `(T, H, W, 3)` uint8 clip of class `label`; returns it and its difficulty."""
+    """Renders one upright `(T, H, W, 3)` uint8 clip of class `label`; returns it and its
+    difficulty."""
     d = rng.uniform()
     t = np.linspace(0.0, 1.0, cfg.frames)
     background = _background(rng, cfg, d)
@@ -90,11 +126,14 @@ def render_clip(rng: np.random.Generator, label: int, cfg: RenderConfig) -> tupl
 
 
 def _background(rng: np.random.Generator, cfg: RenderConfig, d: float) -> np.ndarray:
-    """A colour gradient plus low-frequency blobs whose strength grows with difficulty."""
+    """A sky (a colour gradient) over a darker floor, plus low-frequency blobs whose
+    strength grows with difficulty."""
     yy, xx = np.mgrid[0:cfg.height, 0:cfg.width] / max(cfg.height, cfg.width)
-    base = rng.uniform(0.2, 0.8, 3)
+    base = rng.uniform(0.35, 0.85, 3)
     direction = rng.uniform(-0.15, 0.15, (2, 3))
     img = base + xx[..., None] * direction[0] + yy[..., None] * direction[1]
+    horizon = int(round(rng.uniform(0.72, 0.84) * cfg.height))
+    img[horizon:] *= rng.uniform(0.3, 0.5)
     for _ in range(3):
         cx, cy, s = rng.uniform(0, 1), rng.uniform(0, 1), rng.uniform(0.1, 0.3)
         blob = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * s * s))
@@ -272,10 +311,8 @@ def _occlude(frames: np.ndarray, rng: np.random.Generator, background: np.ndarra
         frames[:, :, start:start + thickness] = background[:, start:start + thickness] * 0.7 + 0.15
 
 
-def generate(seed: int, split: str, num_clips: int, cfg: RenderConfig):
-    """Yields `(index, clip, label, difficulty)`; each clip draws its label uniformly."""
+def generate(seed: int, split: str, num_clips: int, cfg: RenderConfig,
+             ceiling_fraction: float = 0.0):
+    """Yields `(index, clip, label, difficulty, ceiling)`; labels are uniform."""
     for i in range(num_clips):
-        rng = clip_rng(seed, split, i)
-        label = int(rng.integers(len(CLASSES)))
-        clip, difficulty = render_clip(rng, label, cfg)
-        yield i, clip, label, difficulty
+        yield i, *render_example(seed, split, i, cfg, ceiling_fraction)

@@ -174,7 +174,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     parallel.check_global_batch(cfg.eval_batch_size, mesh)
 
     builder = pipeline.prepare(config.data)
-    train_split = pipeline.open_split(builder, config.data, "train")
+    train_split = pipeline.open_split(builder, config.data, cfg.get("split", "train"))
     eval_split = pipeline.open_split(builder, config.data, cfg.eval_split)
     model_config, pretrained = config.model, None
     if cfg.init_from:  # fine-tune an exported or converted model: its architecture comes along
@@ -251,6 +251,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary = {
         "eval_accuracy": _accuracy(predictions),
         "eval_split": cfg.eval_split,
+        "train_split": train_split.name,
+        "num_train_clips": len(train_split),
         "steps": int(state.step),
         "examples_per_sec": progress.examples_per_sec,
         "compile_seconds": compile_seconds,

@@ -26,10 +26,30 @@ def test_stored_clips_equal_the_renderer(data_dir):
     rows = split.rows(np.array([0, 5]))
     render = synthetic.RenderConfig(frames=config.frames, height=config.size, width=config.size)
     for row, index in enumerate([0, 5]):
-        rng = synthetic.clip_rng(config.seed, "test", index)
-        label = int(rng.integers(len(synthetic.CLASSES)))
-        np.testing.assert_array_equal(rows["video"][row], synthetic.render_clip(rng, label, render)[0])
+        clip, label, _, _ = synthetic.render_example(config.seed, "test", index, render,
+                                                     config.ceiling_cameras.test)
+        np.testing.assert_array_equal(rows["video"][row], clip)
         assert rows["label"][row] == label and rows["id"][row] == index
+
+
+def test_splits_join_with_a_plus(data_dir):
+    """The cloud's training set is 'train+broad': the rows of one, then the other's."""
+    config = tiny_config(data_dir).data
+    builder = pipeline.make_builder(config)
+    joined = pipeline.Split(builder, "train+broad", config.frames, config.size)
+    train = pipeline.Split(builder, "train", config.frames, config.size)
+    broad = pipeline.Split(builder, "broad", config.frames, config.size)
+    assert len(joined) == len(train) + len(broad)
+    np.testing.assert_array_equal(joined.rows(np.array([len(train)]))["video"][0],
+                                  broad.rows(np.array([0]))["video"][0])
+    with pytest.raises(ValueError, match="no split 'brood'"):
+        pipeline.Split(builder, "train+brood", config.frames, config.size)
+
+
+def test_ceiling_fractions_must_name_existing_splits():
+    with pytest.raises(ValueError, match="splits the dataset does not have: \\['tset'\\]"):
+        builders.SyntheticActionsConfig.create(synthetic.RenderConfig(), {"test": 8}, 0,
+                                               {"tset": 0.5})
 
 
 def test_config_changes_give_separate_datasets(data_dir):

@@ -44,6 +44,10 @@ def test_pipeline_report(runs):
     assert "## Online adaptation under corruptions" in report and "| cema |" in report
     assert set(summary["stages"]["adapt"]["mpc"]) == {"norm", "cema"}  # the tiny stage's
     assert os.path.exists(f"{root}/adapt/accuracy_vs_upload.png")
+    # The cloud trains on the edge's clips and the broader data (ceiling cameras).
+    edge, teacher = (json.load(open(f"{root}/{m}/summary.json")) for m in ("edge", "teacher"))
+    assert (edge["train_split"], edge["num_train_clips"]) == ("train", 64)
+    assert (teacher["train_split"], teacher["num_train_clips"]) == ("train+broad", 80)
 
 
 def test_label_outputs(runs):
