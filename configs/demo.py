@@ -235,8 +235,8 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
         learning_rate=3e-3,
         warmup_steps=60,
         # Warm-up, constant, then a cosine over the last 20% ('wsd'; or 'cosine'
-        # throughout): in 600 steps the edge reaches 88.6% under 'wsd', 70.7% under
-        # 'cosine' (2 CPU cores, 2026-11-21).
+        # throughout): in 600 steps the edge reached 88.6% under 'wsd', 70.7% under
+        # 'cosine' (the renderer's version 6, 2 CPU cores, 2026-11-21).
         schedule="wsd",
         decay_fraction=0.2,
         weight_decay=1e-4,
@@ -252,9 +252,12 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
     ))
     if arg == "teacher":
         # ~12x the edge's parameters and 4x its width: a third of its learning rate (at
-        # the edge's 3e-3 the teacher reached 83.7% in 600 steps, at 1e-3 94.2%).
+        # the edge's 3e-3 the teacher reached 83.7% in 600 steps, at 1e-3 94.2%, on the
+        # renderer's version 6).
         config.train.update(steps=600, eval_every=600, learning_rate=1e-3, decay_fraction=0.3)
-        # The cloud model has seen more of the world than the edge: ceiling cameras too.
+        # The cloud model has seen more of the world than the edge: ceiling cameras too
+        # (1,024 of its 7,168 clips; with 2,048 it had not learnt the order of frames in
+        # 600 steps: 77.3% on test against 87.5%).
         config.train.split = "train+broad"
     if tiny:
         # lax.conv depthwise: half the compile time of "shifted", which only pays off
