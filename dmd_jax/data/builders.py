@@ -22,7 +22,6 @@ import tensorflow_datasets as tfds
 from dmd_jax.data import synthetic, video_folder
 
 
-
 def _video_features(frames: int, height: int, width: int,
                     names: tuple[str, ...]) -> tfds.features.FeaturesDict:
     return tfds.features.FeaturesDict({

@@ -83,9 +83,9 @@ class Split:
 
     `split` is a tfds split name, optionally sliced (`"train[:80%]"`, `"train[80%:]"`),
     so datasets published with only train/test (UCF101, HMDB51) still give the
-    unlabelled pool and the calibration set; `+` joins splits (`"train+broad"`). A row's `id` is its position in this split
-    (slice): stable across runs, hosts and batchings, which is what resumable labelling
-    and the per-clip corruption keys rely on."""
+    unlabelled pool and the calibration set; `+` joins splits (`"train+broad"`). A row's
+    `id` is its position in this split (slice): stable across runs, hosts and batchings,
+    which is what resumable labelling and the per-clip corruption keys rely on."""
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, frames: int, size: int,
                  name: str | None = None):
