@@ -23,11 +23,11 @@ import numpy as np
 from benchmarks import common
 from benchmarks.demo_models import CLOUD_DIR, DEMO_CLIP as CLIP, EDGE_DIR, demo_or_random
 from configs import demo
-from dmd_jax import parallel
+from dmd_jax import parallel, tta
 from dmd_jax.data import corruptions, synthetic
 from dmd_jax.references import pytorchvideo_create_x3d
-from dmd_jax.tta import baselines, cema
 from dmd_jax.tta.adaptable import Adaptable
+from dmd_jax.tta.base import Context
 
 
 
@@ -113,15 +113,11 @@ def run(quick: bool) -> common.Section:
     edge, cloud = Adaptable.of(edge_model), Adaptable.of(cloud_model)
     stream = corrupted_stream(batches, config.batch_size, mesh)
     reference = (torch_rates(demo.EDGE, [jax.device_get(c) for c in stream],
-                             config.tta.learning_rate) if device["backend"] == "cpu" else {})
-    methods = {
-        "source": baselines.Source(edge, mesh),
-        "tent": baselines.Tent(edge, mesh, config.tta),
-        "cema": cema.CEMA("cema", edge, cloud, mesh, config.cema, config.seed),
-        "cloud_all": cema.CEMA("cloud_all", edge, cloud, mesh,
-                               type(config.cema)({**config.cema.to_dict(), "upload_all": True}),
-                               config.seed),
-    }
+                             config.tent.learning_rate) if device["backend"] == "cpu" else {})
+    context = lambda name: Context(name, mesh, config.seed, config.batch_size,  # noqa: E731
+                                   foundation=lambda: cloud, clean_batches=None)
+    methods = {name: tta.build(config, name, edge, context(name))
+               for name in ("source", "tent", "cema", "cloud_all")}
     rows = []
     for name, method in methods.items():
         rate, upload = time_stream(method, stream)

@@ -25,28 +25,30 @@ import numpy as np
 from benchmarks import common
 from benchmarks.demo_models import CLOUD_DIR, EDGE_DIR, demo_or_random, random_model
 from configs import demo
-from dmd_jax import flops, hybrid, parallel
+from dmd_jax import flops, hybrid, parallel, routers
 from dmd_jax.model_store import LoadedModel
-from dmd_jax.models.switcher import Switcher
+from dmd_jax.routers.switcher import Switcher, probability
 
 KINETICS = tuple(f"class {i}" for i in range(400))  # stand-in names: cost only
 RATES = (0.0, 0.125, 0.25, 0.5, 1.0)
 X3D_S = dict(name="x3d", width_factor=2.0, depth_factor=2.2, stem_dim_in=12,
-             bottleneck_factor=2.25, se_ratio=0.0625, head_dim=2048, dropout_rate=0.5,
-             depthwise_impl="shifted", dtype="float32")
+             bottleneck_factor=2.25, se_ratio=0.0625, head_dim=2048, dropout_rate=0.5)
 VIDEOMAE_B = dict(name="videomae", patch_size=16, tubelet_size=2, hidden_size=768, num_layers=12,
                   num_heads=12, intermediate_size=3072, qv_bias=True, use_mean_pooling=True,
-                  layer_norm_eps=1e-12, dtype="float32")
+                  layer_norm_eps=1e-12)
 
 
 def with_switcher(edge: LoadedModel, cloud: hybrid.CloudFn, cloud_gflops: float,
                   seed: int) -> hybrid.HybridClassifier:
     """A HybridClassifier around `edge` with a randomly initialised switcher."""
     switcher = Switcher()
-    _, features = jax.eval_shape(edge.classify, jnp.zeros((1, *edge.input_shape), jnp.uint8))
+    _, features = jax.eval_shape(edge.apply, edge.variables,
+                                 jnp.zeros((1, *edge.input_shape), jnp.uint8))
     params = switcher.init(jax.random.key(seed), jnp.zeros(features.shape),
                            jnp.zeros((1, len(edge.class_names))))["params"]
-    return hybrid.HybridClassifier(edge, switcher, params, threshold=0.0, cloud=cloud,
+    router = routers.Router("switcher:random", lambda p, f, l: probability(switcher, p, f, l),
+                            params, learned=True)
+    return hybrid.HybridClassifier(edge, router, threshold=0.0, cloud=cloud,
                                    cloud_gflops_per_clip=cloud_gflops)
 
 
@@ -69,15 +71,16 @@ def measure_system(name: str, edge: LoadedModel, cloud: LoadedModel, batch: int,
     rng = np.random.default_rng(0)
     edge_clips = rng.integers(0, 255, (batch, *edge.input_shape), dtype=np.uint8)
     cloud_clips = rng.integers(0, 255, (batch, *cloud.input_shape), dtype=np.uint8)
-    cloud_g = flops.gflops(lambda v: cloud.classify(v)[0], cloud_clips[:1])  # one clip
-    cloud_forward = jax.jit(lambda v: cloud.classify(v)[0])
+    cloud_g = hybrid.cloud_gflops(cloud)  # one clip, lowered on shapes
+    forward = jax.jit(hybrid.cloud_forward(cloud))
+    cloud_forward = lambda clips: forward(cloud.variables, clips)  # noqa: E731
     system = with_switcher(edge, lambda clips: np.asarray(cloud_forward(clips)), cloud_g, seed=0)
-    _, edge_compile = common.timed_compile(system.edge_and_switcher, edge_clips)
+    _, edge_compile = common.timed_compile(system.edge_and_router, edge_clips)
     _, cloud_compile = common.timed_compile(cloud_forward, cloud_clips)
     edge_g = system.edge_gflops_per_clip
-    edge_ms = ms_per_clip(system.edge_and_switcher, edge_clips, iters)
+    edge_ms = ms_per_clip(system.edge_and_router, edge_clips, iters)
     cloud_ms = ms_per_clip(cloud_forward, cloud_clips, iters)
-    scores = np.asarray(system.edge_and_switcher(edge_clips)[1])
+    scores = np.asarray(system.edge_and_router(edge_clips)[1])
     rows = []
     for nominal in RATES:
         # Run for real: a whole number of the batch's clips. Summed: the nominal rate.

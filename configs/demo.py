@@ -9,12 +9,15 @@ One stage at a time (each resumes if killed; the paths below are the defaults):
     python -m dmd_jax.main --config configs/demo.py:hybrid --workdir runs/demo/hybrid
     python -m dmd_jax.main --config configs/demo.py:adapt --workdir runs/demo/adapt
 
-Variants (`file.py:arg`): `edge` (default) trains the tiny X3D edge; `teacher` the ~12x
-larger X3D the hybrid system defers to (the cloud model); `label`, `switcher` and
+Variants (`file.py:STAGE[,tiny]`): `edge` (default) trains the tiny X3D edge; `teacher`
+the ~12x larger X3D the hybrid system defers to (the cloud model); `label`, `switcher` and
 `hybrid` run the DMD stages on their outputs; `adapt` adapts the edge under corrupted
-video (CEMA, with the teacher as its cloud, and the baselines); `pipeline` runs them all;
-`tiny` is a seconds-long `train` run for smoke tests (its data and models are tiny; set
-`job` to run another stage on it).
+video (CEMA, with the teacher as its cloud, and the baselines); `pipeline` runs them all.
+`,tiny` shrinks data and models to a seconds-long smoke run (`tiny` alone is `edge,tiny`).
+
+Each variant holds only the sections its job reads (`dmd_jax.jobs.<job>.SECTIONS`), so a
+setting another job would read (`--config.train.steps` on a label run) is refused as an
+unknown key instead of being ignored.
 """
 
 import ml_collections
@@ -46,8 +49,6 @@ def data_config(size: str = "demo") -> ml_collections.ConfigDict:
         # The jobs' split names -> tfds split specs, for datasets published with other
         # splits (e.g. unlabelled='train[50%:90%]'); unset names are used as they are.
         split_specs={},
-        root="",  # video_folder only
-        tfds_config="ucf101_1_256",  # ucf101 only
     ))
 
 
@@ -59,14 +60,24 @@ TEACHER = dict(width_factor=2.0, depth_factor=1.0, head_dim=512)
 
 
 def model_config(arch: dict) -> ml_collections.ConfigDict:
+    """The architecture (`dmd_jax.models.x3d.Model`'s fields)."""
     return ml_collections.ConfigDict(dict(
         name="x3d", stem_dim_in=12, bottleneck_factor=2.25, se_ratio=0.0625,
-        dropout_rate=0.2, depthwise_impl="shifted", dtype="float32", **arch))
+        dropout_rate=0.2, **arch))
 
 
-VARIANTS = {"edge": "train", "teacher": "train", "label": "label",
-            "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "tiny": "train",
-            "adapt": "adapt", "pipeline": "pipeline", "tiny_pipeline": "pipeline"}
+def runtime_config() -> ml_collections.ConfigDict:
+    """How models run on this machine (never part of a saved model): compute dtype
+    (float32 or bfloat16; parameters stay float32), X3D's depthwise convolution
+    ('auto': 'shifted' on CPU, XLA's elsewhere) and the attention kernel ('auto', 'xla',
+    'cudnn')."""
+    return ml_collections.ConfigDict(dict(dtype="float32", depthwise_impl="auto",
+                                          attention_impl="auto"))
+
+
+STAGE_JOBS = {"edge": "train", "teacher": "train", "label": "label",
+              "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "adapt": "adapt",
+              "pipeline": "pipeline"}
 PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
 # The pipeline's adapt stage is a short look (~1 min on 2 CPU cores, one corruption); the
 # full comparison (every method, all 15 corruptions) is `configs/demo.py:adapt`.
@@ -74,11 +85,15 @@ PIPELINE_ADAPT = dict(corruptions=("fog",),
                       methods=("source", "norm", "tent", "cema"))
 
 
+def models_config(runs: str) -> ml_collections.ConfigDict:
+    """The edge and the cloud: exported or converted model directories."""
+    return ml_collections.ConfigDict(dict(edge=dict(path=f"{runs}/edge/model"),
+                                          cloud=dict(path=f"{runs}/teacher/model")))
+
+
 def dmd_config(runs: str) -> ml_collections.ConfigDict:
-    """The DMD stages: which models, where the labels and switchers go, the routers."""
+    """The DMD stages' sections: labelling, the switchers, the routers' evaluation."""
     return ml_collections.ConfigDict(dict(
-        edge=dict(path=f"{runs}/edge/model"),  # an exported or converted model directory
-        cloud=dict(path=f"{runs}/teacher/model"),
         label=dict(
             splits=("unlabelled", "calibration", "test"),
             switcher_split="unlabelled",  # whose agreement rate summary.json reports
@@ -103,7 +118,12 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
         hybrid=dict(
             label_dir=f"{runs}/label",
             switcher_dir=f"{runs}/switcher",
-            switcher_target="hard",
+            # Every router compared (`dmd_jax.routers`: NAME[:ARG] or a dotted module path):
+            routers=dict(dmd_switcher="switcher:hard", gt_switcher="switcher:ground_truth",
+                         max_prob="max_prob", entropy="entropy", margin="margin"),
+            deploy="dmd_switcher",  # the router the operating point is calibrated for
+            # Learned routers whose AUC is compared with max_prob's (paired bootstrap).
+            compare_with_max_prob=("dmd_switcher", "gt_switcher"),
             calibration_split="calibration",
             test_split="test",
             # The operating point: the best calibration accuracy within this fraction of the
@@ -122,37 +142,38 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
 
 def adapt_config() -> ml_collections.ConfigDict:
     """Online adaptation under corruptions (METHODS.md §2-4): the edge adapts, the teacher
-    is CEMA's cloud foundation model. The defaults are the papers'."""
+    is CEMA's cloud foundation model. The defaults are the papers'; one section per method
+    (`dmd_jax.tta`), variants as overrides of a method's section."""
     from dmd_jax.data.corruptions import CORRUPTIONS
-    from dmd_jax.data.synthetic import CLASSES
 
-    # EATA's redundancy margin (0.05) is set for ImageNet's 1000 classes: a confident clip
-    # against a uniform average has cosine 1/sqrt(C), 0.03 there but 0.29 for 12 classes,
-    # where 0.05 rejects every clip after the first upload. Same multiple of 1/sqrt(C):
-    redundancy_margin = round(0.05 * (1000 / len(CLASSES)) ** 0.5, 2)
+    gradient = dict(learning_rate=2.5e-4, momentum=0.9)  # Tent's, shared by EATA and SAR
+    # EATA's redundancy margin, 0.05 for ImageNet's 1000 classes, is scaled to the dataset's
+    # class count when the job runs (a confident clip's cosine to a uniform average is
+    # 1/sqrt(C): 0.03 for 1000 classes but 0.29 for 12, where 0.05 rejects every clip
+    # after the first upload): 0.05 * sqrt(1000 / C), rounded to 0.01 (0.46 for 12).
+    redundancy = dict(redundancy_margin=0.05, margin_reference_classes=1000)
     return ml_collections.ConfigDict(dict(
         split="test",
         protocol="reset",  # 'reset' per corruption x severity, 'continual' or 'mixed'
         corruptions=tuple(CORRUPTIONS),
         severities=(5,),
         methods=("source", "norm", "tent", "eata", "sar", "cema", "cema_static_emax",
-                 "cloud_all"),  # also: cema_no_emin, cema_no_redundancy
+                 "cloud_all"),  # any method or variant below
         batch_size=64,  # the stream batch (global)
         seed=0,
         collapse_fraction=0.9,  # an adapted batch this concentrated on one class resets
         log_every=0,  # progress every N batches within a stream (0: per stream only)
-        tta=dict(  # tent, eata, sar
-            learning_rate=2.5e-4,
-            momentum=0.9,
+        tent=dict(gradient),
+        eata=dict(
+            **gradient,
             margin_factor=0.4,  # E0 = 0.4 ln C
-            redundancy_margin=redundancy_margin,
+            **redundancy,
             ema_decay=0.9,
             fisher_alpha=2000.0,
             fisher_split="train",  # clean clips for EATA's Fisher information
             fisher_clips=2000,
-            sam_rho=0.05,
-            reset_loss_ema=0.2,
         ),
+        sar=dict(**gradient, margin_factor=0.4, sam_rho=0.05, reset_loss_ema=0.2),
         cema=dict(
             margin_factor=0.4,
             unreliable_filter=True,  # H < E_max(t)
@@ -161,8 +182,8 @@ def adapt_config() -> ml_collections.ConfigDict:
             lam=0.6,
             low_info_filter=True,  # H > e_min ln C
             e_min=0.02,
-            redundancy_filter=True,  # |cos(m, p)| < redundancy_margin
-            redundancy_margin=redundancy_margin,
+            redundancy_filter=True,  # |cos(m, p)| < redundancy margin (EATA's)
+            **redundancy,
             ema_decay=0.9,
             upload_all=False,  # cloud_all sets it
             # BatchNorm with running statistics shared by cloud and edge (test-time batch
@@ -180,34 +201,55 @@ def adapt_config() -> ml_collections.ConfigDict:
             gamma=1.0,
             temperature=1.0,
         ),
+        # Named variants: a method's section with some settings changed.
+        variants=dict(
+            cema_static_emax=dict(method="cema", dynamic_emax=False),  # the official code's
+            cema_no_emin=dict(method="cema", low_info_filter=False),
+            cema_no_redundancy=dict(method="cema", redundancy_filter=False),
+            cloud_all=dict(method="cema", upload_all=True),  # the 100%-upload bound
+            cema_tbr=dict(method="cema", batch_renorm=True),  # as the official code
+            cloud_all_tbr=dict(method="cema", upload_all=True, batch_renorm=True),
+        ),
     ))
 
 
 def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
-    if arg not in VARIANTS:
-        raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use one of {list(VARIANTS)}")
-    if arg in ("pipeline", "tiny_pipeline"):
-        return pipeline_config(tiny=arg == "tiny_pipeline")
-    return stage_config(arg)
+    stage, tiny = parse(arg)
+    if stage == "pipeline":
+        return pipeline_config(tiny)
+    return stage_config(stage, tiny)
+
+
+def parse(arg: str) -> tuple[str, bool]:
+    """`STAGE[,tiny]` -> (stage, tiny); `tiny` alone is the tiny edge (a smoke run)."""
+    if arg == "tiny":
+        return "edge", True
+    stage, _, size = arg.partition(",")
+    if stage not in STAGE_JOBS or size not in ("", "tiny"):
+        raise ValueError(f"configs/demo.py: unknown variant {arg!r}; use STAGE or STAGE,tiny "
+                         f"with STAGE one of {list(STAGE_JOBS)}")
+    return stage, size == "tiny"
 
 
 def pipeline_config(tiny: bool) -> ml_collections.ConfigDict:
-    """The whole experiment: one stage config per step, sharing `data`, `seed` and devices.
+    """The whole experiment: one stage config per step, sharing `data`, `runtime`, `seed`
+    and devices.
 
     Override a stage's setting with e.g. `--config.stages.teacher.train.steps=2000`; the
     pipeline points each stage at the previous stages' outputs under its workdir.
     """
-    config = ml_collections.ConfigDict()
-    config.job = "pipeline"
-    config.seed = 0
-    config.num_devices = 0
+    config = run_config("pipeline")
     config.data = data_config("tiny" if tiny else "demo")
+    config.runtime = runtime_config()
+    if tiny:
+        shrink(config, "pipeline")
     config.stage_order = PIPELINE_STAGES  # a ConfigDict iterates its keys sorted
     config.stages = ml_collections.ConfigDict()
     for stage in PIPELINE_STAGES:
         stage_cfg = stage_config(stage, tiny)
-        for shared in ("data", "seed", "num_devices"):
-            del stage_cfg[shared]
+        for shared in ("data", "runtime", "seed", "num_devices", "overwrite"):
+            if shared in stage_cfg:
+                del stage_cfg[shared]
         if stage == "adapt":
             stage_cfg.adapt.update(PIPELINE_ADAPT)
             if tiny:
@@ -216,18 +258,44 @@ def pipeline_config(tiny: bool) -> ml_collections.ConfigDict:
     return config
 
 
-def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
-    """The config of one job; `tiny` (or the `tiny` variant) shrinks data and models."""
-    tiny = tiny or arg == "tiny"
-    config = dmd_config("runs/demo")
-    config.job = VARIANTS[arg]
-    config.seed = 0
-    config.num_devices = 0  # 0: every device of every host
-    config.data = data_config("tiny" if tiny else "demo")
-    config.model = model_config(TEACHER if arg == "teacher" else EDGE)
-    config.adapt = adapt_config()
+RUN_KEYS = ("job", "seed", "num_devices", "overwrite")
 
-    config.train = ml_collections.ConfigDict(dict(
+
+def run_config(job: str) -> ml_collections.ConfigDict:
+    """The settings every job takes: which job, the seed, the devices, and whether results
+    on disk made with other settings may be recomputed (`overwrite`; else the job stops
+    and names what differs)."""
+    return ml_collections.ConfigDict(dict(job=job, seed=0, num_devices=0, overwrite=False))
+
+
+def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
+    """The config of one job, with exactly the sections it reads; `tiny` shrinks data and
+    models."""
+    job = STAGE_JOBS[stage]
+    config = run_config(job)  # num_devices 0: every device of every host
+    runs = "runs/demo"
+    if job in ("train", "label", "adapt"):
+        config.data = data_config("tiny" if tiny else "demo")
+    if job in ("label", "evaluate_hybrid", "adapt"):
+        config.update(models_config(runs))
+    if job in ("train", "label", "evaluate_hybrid", "adapt"):
+        config.runtime = runtime_config()
+    dmd = dmd_config(runs)
+    section = {"label": "label", "train_switcher": "switcher", "evaluate_hybrid": "hybrid"}
+    if job in section:
+        config[section[job]] = dmd[section[job]]
+    if job == "adapt":
+        config.adapt = adapt_config()
+    if job == "train":
+        config.model = model_config(TEACHER if stage == "teacher" else EDGE)
+        config.train = train_config(stage)
+    if tiny:
+        shrink(config, stage)
+    return config
+
+
+def train_config(stage: str) -> ml_collections.ConfigDict:
+    train = ml_collections.ConfigDict(dict(
         split="train",  # a split name or a tfds split spec ('train+broad')
         batch_size=32,  # global, over all devices and hosts
         steps=600,
@@ -250,29 +318,40 @@ def stage_config(arg: str, tiny: bool = False) -> ml_collections.ConfigDict:
         keep_checkpoints=2,
         init_from="",  # a model directory (exported or converted) to fine-tune from
     ))
-    if arg == "teacher":
+    if stage == "teacher":
         # ~12x the edge's parameters and 4x its width: a third of its learning rate (at
         # the edge's 3e-3 the teacher reached 83.7% in 600 steps, at 1e-3 94.2%, on the
         # renderer's version 6).
-        config.train.update(steps=600, eval_every=600, learning_rate=1e-3, decay_fraction=0.3)
+        train.update(steps=600, eval_every=600, learning_rate=1e-3, decay_fraction=0.3)
         # The cloud model has seen more of the world than the edge: ceiling cameras too
         # (1,024 of its 7,168 clips; with 2,048 it had not learnt the order of frames in
         # 600 steps: 77.3% on test against 87.5%).
-        config.train.split = "train+broad"
-    if tiny:
+        train.split = "train+broad"
+    return train
+
+
+def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
+    """Tiny data and models for tests and smoke runs (each section the config has)."""
+    if "model" in config:
         # lax.conv depthwise: half the compile time of "shifted", which only pays off
         # over many steps (both are tested equal).
-        config.model.update(width_factor=0.5 if arg == "teacher" else 0.25, depth_factor=0.5,
-                            head_dim=32, depthwise_impl="xla")
+        config.model.update(width_factor=0.5 if stage == "teacher" else 0.25, depth_factor=0.5,
+                            head_dim=32)
+    if "runtime" in config:
+        config.runtime.depthwise_impl = "xla"
+    if "train" in config:
         config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
                             batch_size=8, eval_batch_size=16, warmup_steps=1)
+    if "label" in config:
         config.label.update(batch_size=8, chunk_size=16)
+    if "hybrid" in config:
         # Tiny models cost about the same (the edge alone is over half the cloud): a fixed
         # offload rate instead of a compute budget.
         config.hybrid.compute_budget = 0.0
+    if "switcher" in config:
         config.switcher.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
+    if "adapt" in config:
         config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"))
-        config.adapt.tta.fisher_clips = 16
+        config.adapt.eata.fisher_clips = 16
         config.adapt.cema.update(warmup_clips=8, new_per_step=8, replay_per_step=8,
                                  replay_from=16, buffer_size=64)
-    return config

@@ -33,12 +33,12 @@ HALVES = {"train": "train[:50%]", "unlabelled": "train[50%:90%]", "calibration":
 DATASETS = {
     # name: (config.data overrides, split_specs, number of classes)
     "ucf101": (dict(name="ucf101", tfds_config="ucf101_1_256"), {**HALVES, "test": "test"}, 101),
-    "hmdb51": (dict(name="video_folder"), {**HALVES, "test": "test"}, 51),
-    "kinetics400": (dict(name="video_folder"), {"train": "train[:80%]",
+    "hmdb51": (dict(name="video_folder", root=""), {**HALVES, "test": "test"}, 51),
+    "kinetics400": (dict(name="video_folder", root=""), {"train": "train[:80%]",
                                                  "unlabelled": "train[80%:98%]",
                                                  "calibration": "train[98%:]",
                                                  "test": "validation"}, 400),
-    "ssv2": (dict(name="video_folder"), {"train": "train[:60%]", "unlabelled": "train[60%:95%]",
+    "ssv2": (dict(name="video_folder", root=""), {"train": "train[:60%]", "unlabelled": "train[60%:95%]",
                                          "calibration": "train[95%:]", "test": "validation"}, 174),
 }
 CLOUDS = ("videomae", "xclip")
@@ -77,16 +77,20 @@ def data_config(dataset: str) -> ml_collections.ConfigDict:
 
 
 def stage_config(dataset: str, stage: str, cloud: str) -> ml_collections.ConfigDict:
+    """demo.py's stage structure with this dataset, its models and schedules."""
     runs = f"runs/{dataset}"
     config = demo.stage_config(stage)
-    config.update(demo.dmd_config(runs))
-    config.data = data_config(dataset)
-    config.edge.path = f"{runs}/edge/model"
-    config.cloud.path = f"{runs}/teacher/model" if cloud == "videomae" else "models/xclip_b32"
-    config.model.update(width_factor=2.0, depth_factor=2.2, head_dim=2048, dropout_rate=0.5)
-    config.train.update(split="train", batch_size=32, eval_batch_size=64,
-                        eval_split="calibration", schedule="cosine",
-                        log_every=50, eval_every=1000, checkpoint_every=500)
+    if "data" in config:
+        config.data = data_config(dataset)
+    if "edge" in config:
+        config.edge.path = f"{runs}/edge/model"
+        config.cloud.path = f"{runs}/teacher/model" if cloud == "videomae" else "models/xclip_b32"
+    if "train" in config:
+        # The architecture comes from the pretrained model (train.init_from).
+        config.model = ml_collections.ConfigDict()
+        config.train.update(split="train", batch_size=32, eval_batch_size=64,
+                            eval_split="calibration", schedule="cosine",
+                            log_every=50, eval_every=1000, checkpoint_every=500)
     if stage == "edge":  # fine-tune X3D-S from Kinetics-400 at its own clip shape
         config.data.update(frames=EDGE_CLIP[0], size=EDGE_CLIP[1])
         config.train.update(init_from="models/x3d_s", optimizer="sgd", learning_rate=0.01,
@@ -98,33 +102,35 @@ def stage_config(dataset: str, stage: str, cloud: str) -> ml_collections.ConfigD
         config.train.update(init_from="models/videomae_b", optimizer="adamw",
                             learning_rate=5e-5, weight_decay=0.05, warmup_steps=200,
                             steps=3000, batch_size=16, eval_batch_size=32)
-    config.label.update(batch_size=64, chunk_size=1024)
-    config.switcher.update(steps=2000, log_every=200, checkpoint_every=500)
-    config.adapt.update(batch_size=64)
-    config.adapt.tta.fisher_clips = 2000
-    # EATA's redundancy margin scaled to the number of classes as in configs/demo.py.
-    margin = round(0.05 * (1000 / DATASETS[dataset][2]) ** 0.5, 2)
-    config.adapt.tta.redundancy_margin = config.adapt.cema.redundancy_margin = margin
+    if "label" in config:
+        config.label.update(batch_size=64, chunk_size=1024)
+    if "switcher" in config:
+        config.switcher.update(steps=2000, log_every=200, checkpoint_every=500)
+    if "adapt" in config:
+        config.adapt.update(batch_size=64)
+        config.adapt.eata.fisher_clips = 2000
+    # EATA's redundancy margin is scaled to the dataset's class count when adapt runs.
     return config
 
 
 def pipeline_config(dataset: str, cloud: str) -> ml_collections.ConfigDict:
     """edge -> [teacher] -> label -> switcher -> hybrid -> adapt, one workdir
     (`--workdir runs/DATASET`); each stage as its own variant above."""
-    config = ml_collections.ConfigDict()
-    config.job = "pipeline"
-    config.seed = 0
-    config.num_devices = 0
+    config = demo.run_config("pipeline")
     config.data = data_config(dataset)
+    config.runtime = demo.runtime_config()
     config.stage_order = tuple(s for s in STAGES if not (s == "teacher" and cloud == "xclip"))
     config.stages = ml_collections.ConfigDict()
     for stage in config.stage_order:
         stage_cfg = stage_config(dataset, stage, cloud)
-        for shared in ("seed", "num_devices"):
-            del stage_cfg[shared]
-        # Only a stage's own clip shape differs from the shared data.
-        stage_cfg.data = ml_collections.ConfigDict(
-            {k: stage_cfg.data[k] for k in ("frames", "size")
-             if stage_cfg.data[k] != config.data[k]})
+        for shared in ("runtime", "seed", "num_devices", "overwrite"):
+            if shared in stage_cfg:
+                del stage_cfg[shared]
+        if "data" in stage_cfg:  # only a stage's own clip shape differs from the shared data
+            own = {k: stage_cfg.data[k] for k in ("frames", "size")
+                   if stage_cfg.data[k] != config.data[k]}
+            del stage_cfg["data"]
+            if own:
+                stage_cfg.data = ml_collections.ConfigDict(own)
         config.stages[stage] = stage_cfg
     return config

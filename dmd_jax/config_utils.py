@@ -63,6 +63,32 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     return None
 
 
+RUN_KEYS = ("job", "seed", "num_devices", "overwrite")  # what every job takes
+
+
+class ConfigSectionError(UserError, ValueError):
+    """A config holds sections its job does not read, or lacks ones it does."""
+
+
+def check_sections(config: ml_collections.ConfigDict, job: str, sections: tuple[str, ...],
+                   where: str = "config") -> None:
+    """The config of `job` has exactly its `sections` (and the run-wide keys): a section no
+    job reads would be silently ignored, so it is an error, as is a missing one."""
+    keys = set(config.keys())
+    missing = [s for s in sections if s not in keys]
+    extra = sorted(keys - set(sections) - set(RUN_KEYS))
+    if extra:
+        raise ConfigSectionError(
+            f"{where}.{extra[0]} is not read by the {job!r} job (it reads "
+            f"{', '.join(sections)}): remove it, or run the job that reads it (e.g. the "
+            "config variant of that stage)")
+    if missing:
+        raise ConfigSectionError(
+            f"{where} has no section {missing[0]!r}, which the {job!r} job reads (it reads "
+            f"{', '.join(sections)}); use a config variant made for that job (e.g. "
+            "configs/demo.py:label for the label job) rather than changing config.job")
+
+
 def run_with_clear_errors(fn: Callable[[], Any]) -> Any:
     """Runs `fn`; a UserError ends the process with its one-line message (exit code 2)."""
     try:

@@ -7,3 +7,7 @@ class UserError(Exception):
     The entry point prints it as one line, without a traceback (set DMD_TRACEBACK=1 to
     see one). Subclasses also derive from the matching builtin (ValueError, OSError...).
     """
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """Training diverged; raised before the diverged state could be checkpointed."""

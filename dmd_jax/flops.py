@@ -13,8 +13,16 @@ import jax
 
 
 def gflops(fn: Callable[..., Any], *example_args: Any) -> float:
-    """GFLOPs of one call of `jax.jit(fn)` on `example_args`, from XLA's cost analysis."""
+    """GFLOPs of one call of `jax.jit(fn)` on `example_args`, from XLA's cost analysis.
+
+    Pass weights as arguments, as `jax.ShapeDtypeStruct`s (`abstract`): the function is
+    lowered on shapes alone, so no weight is copied or compiled in as a constant."""
     return compiled_gflops(jax.jit(fn).lower(*example_args).compile())
+
+
+def abstract(tree: Any) -> Any:
+    """The shapes and dtypes of a pytree of arrays, for `gflops`."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jax.numpy.shape(x), x.dtype), tree)
 
 
 def compiled_gflops(compiled: jax.stages.Compiled) -> float:

@@ -1,39 +1,43 @@
-"""Hybrid edge-cloud inference: the edge answers, the switcher decides who else looks.
+"""Hybrid edge-cloud inference: the edge answers, a router decides who else looks.
 
-    hybrid = HybridClassifier.from_dirs(edge_dir, switcher_dir, operating_point, cloud_dir)
+    hybrid = HybridClassifier.from_dirs(edge_dir, switcher_workdir, operating_point, cloud_dir)
     result = hybrid(clips)            # uint8 (N, T, H, W, 3)
     result.predictions, result.offloaded, result.gflops
 
-The edge and the switcher run as one jitted function (on the device next to the
-camera, in deployment). The cloud is any callable from uint8 clips to logits; by
-default a local jitted forward of a model directory, so a remote service can replace
-it without touching the rest. Offloaded clips get the cloud's answer, fused with the
-edge's log-probabilities when `fusion_weight < 1` (METHODS.md §1, cloud-side fusion).
+The edge and the router (any `dmd_jax.routers.Router`: a trained switcher or the edge's
+own confidence) run as one jitted function, the device-side half, with their weights as
+arguments. The cloud is any callable from uint8 clips to logits; by default a local
+jitted forward of a model directory, so a remote service can replace it without touching
+the rest. Offloaded clips get the cloud's answer, fused with the edge's log-probabilities
+when `fusion_weight < 1` (METHODS.md §1, cloud-side fusion).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dmd_jax import flops, model_store
-from dmd_jax.models.switcher import Switcher
+from dmd_jax import files, flops, model_store, routers
+from dmd_jax.errors import UserError
 
 CloudFn = Callable[[np.ndarray], np.ndarray]
+
+
+class OperatingPointMismatchError(UserError, ValueError):
+    """An operating point calibrated for other models than the ones given."""
 
 
 @dataclasses.dataclass(frozen=True)
 class HybridResult:
     predictions: np.ndarray  # (N,) class indices
     offloaded: np.ndarray  # (N,) bool: which clips went to the cloud
-    switcher_scores: np.ndarray  # (N,) P(aligned)
-    gflops: float  # spent on this batch: every clip's edge + switcher, the offloaded clips' cloud
+    router_scores: np.ndarray  # (N,) the router's score (e.g. P(aligned)); low: offloaded
+    gflops: float  # spent on this batch: every clip's edge + router, the offloaded clips' cloud
     upload_bytes: int  # the offloaded clips, as uint8
 
 
@@ -44,54 +48,76 @@ def fuse(edge_logits: np.ndarray, cloud_logits: np.ndarray, weight: float) -> np
     return np.asarray(jnp.argmax(weight * log_p_cloud + (1.0 - weight) * log_p_edge, -1))
 
 
+def cloud_forward(model: model_store.LoadedModel):
+    """`(variables, uint8 clips) -> logits`: the cloud's forward pass, weights as arguments."""
+    return lambda variables, clips: model.apply(variables, clips)[0]
+
+
+def cloud_gflops(model: model_store.LoadedModel) -> float:
+    """GFLOPs per clip of the cloud's forward pass (compiled on shapes only)."""
+    clip = jax.ShapeDtypeStruct((1, *model.input_shape), jnp.uint8)
+    return flops.gflops(cloud_forward(model), flops.abstract(model.variables), clip)
+
+
 def local_cloud(model: model_store.LoadedModel) -> CloudFn:
     """The cloud model run in this process: uint8 clips -> logits."""
-    forward = jax.jit(lambda video: model.classify(video)[0])
-    return lambda clips: np.asarray(forward(clips))
+    forward = jax.jit(cloud_forward(model))
+    return lambda clips: np.asarray(forward(model.variables, clips))
+
+
+def edge_and_router(edge: model_store.LoadedModel, router: routers.Router):
+    """`(edge variables, router params, uint8 clips) -> (logits, scores)`: the device half."""
+    def forward(edge_variables, router_params, video):
+        logits, features = edge.apply(edge_variables, video)
+        return logits, router.score(router_params, features, logits)
+    return forward
 
 
 class HybridClassifier:
-    """Edge + switcher on every clip; the cloud only where `P(aligned) < threshold`."""
+    """Edge + router on every clip; the cloud only where the router's score < threshold."""
 
-    def __init__(self, edge: model_store.LoadedModel, switcher: Switcher, switcher_params: Any,
-                 threshold: float, cloud: CloudFn, cloud_gflops_per_clip: float,
-                 fusion_weight: float = 1.0):
+    def __init__(self, edge: model_store.LoadedModel, router: routers.Router, threshold: float,
+                 cloud: CloudFn, cloud_gflops_per_clip: float, fusion_weight: float = 1.0):
+        self.edge, self.router = edge, router
         self.threshold, self.fusion_weight = threshold, fusion_weight
         self.cloud, self.cloud_gflops_per_clip = cloud, cloud_gflops_per_clip
+        forward = edge_and_router(edge, router)
+        self._device_half = jax.jit(forward)
+        one_clip = jax.ShapeDtypeStruct((1, *edge.input_shape), jnp.uint8)
+        self.edge_gflops_per_clip = flops.gflops(
+            forward, flops.abstract(edge.variables), flops.abstract(router.params), one_clip)
 
-        def edge_and_switcher(video):
-            logits, features = edge.classify(video)
-            score = jax.nn.sigmoid(switcher.apply({"params": switcher_params}, features, logits))
-            return logits, score
-
-        self.edge_and_switcher = jax.jit(edge_and_switcher)  # the device-side half
-        one_clip = jnp.zeros((1, *edge.input_shape), jnp.uint8)
-        self.edge_gflops_per_clip = flops.gflops(edge_and_switcher, one_clip)
+    def edge_and_router(self, clips: np.ndarray) -> tuple[jax.Array, jax.Array]:
+        """The device-side half on a batch: `(edge logits, router scores)`."""
+        return self._device_half(self.edge.variables, self.router.params, clips)
 
     @classmethod
     def from_dirs(cls, edge_dir: str, switcher_dir: str, operating_point: str,
-                  cloud_dir: str, cloud: CloudFn | None = None) -> "HybridClassifier":
-        """Builds the system that `evaluate_hybrid` calibrated (`operating_point.json`).
+                  cloud_dir: str, cloud: CloudFn | None = None,
+                  runtime: Mapping[str, Any] | None = None) -> "HybridClassifier":
+        """Builds the system that `evaluate_hybrid` calibrated (`operating_point.json`
+        names its router; a learned one is read from `switcher_dir`, the train_switcher
+        job's workdir); refuses models other than the ones it was calibrated for.
 
-        A zero-shot cloud (X-CLIP) is prompted with the edge's class names."""
-        from dmd_jax.jobs import switcher as switcher_job  # jobs import this module
-
-        edge = model_store.load(edge_dir, role="edge")
-        cloud_model = model_store.load(cloud_dir, role="cloud")
-        if cloud_model.model_config.name == "xclip" and cloud_model.class_names != edge.class_names:
-            from dmd_jax import convert
-            cloud_model = convert.with_classes(cloud_model, edge.class_names, cloud_dir)
-        module, params, _ = switcher_job.load(switcher_dir)
-        with open(operating_point) as f:
-            point = json.load(f)
-        cloud_gflops = flops.gflops(
-            lambda v: cloud_model.classify(v)[0],
-            jnp.zeros((1, *cloud_model.input_shape), jnp.uint8))
-        return cls(edge, module, params, _threshold(point), cloud or local_cloud(cloud_model),
-                   cloud_gflops, point["fusion_weight"])
+        A zero-shot cloud (X-CLIP) is prompted with the edge's class names. `runtime`: how
+        the models run (a `config.runtime`; each model's defaults if None)."""
+        point = files.read_json(operating_point)
+        edge = model_store.load(edge_dir, role="edge", runtime=runtime)
+        router = routers.load(point["router"], routers.Context(switcher_dir=switcher_dir))
+        for what, expected, actual in (("edge", point.get("edge_fingerprint"), edge.fingerprint),
+                                       ("router", point.get("router_fingerprint"),
+                                        router.fingerprint)):
+            if expected is not None and expected != actual:
+                raise OperatingPointMismatchError(
+                    f"{operating_point} was calibrated for another {what} (fingerprint "
+                    f"{expected}, given {actual}); run evaluate_hybrid for these models")
+        cloud_model = model_store.load(cloud_dir, role="cloud", runtime=runtime,
+                                       class_names=edge.class_names)
+        return cls(edge, router, _threshold(point), cloud or local_cloud(cloud_model),
+                   cloud_gflops(cloud_model), point["fusion_weight"])
 
     def __call__(self, clips: np.ndarray) -> HybridResult:
-        edge_logits, scores = (np.asarray(x) for x in self.edge_and_switcher(clips))
+        edge_logits, scores = (np.asarray(x) for x in self.edge_and_router(clips))
         offloaded = scores < self.threshold
         predictions = edge_logits.argmax(-1)
         if offloaded.any():

@@ -20,23 +20,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and sum
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _jobs():
-    """Job name -> run function. Imported here so `--help` stays fast."""
-    from dmd_jax.jobs import pipeline
-    return {**pipeline.JOBS, "pipeline": pipeline.run}
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     config = _CONFIG.value
-    jobs = _jobs()
-    if config.job not in jobs:
-        raise app.UsageError(f"config.job={config.job!r} is not a job; available: {sorted(jobs)}")
+    from dmd_jax import jobs  # here, so that `--help` stays fast
+
+    if config.job not in jobs.JOBS:
+        raise app.UsageError(f"config.job={config.job!r} is not a job; available: "
+                             f"{sorted(jobs.JOBS)}")
+    job = jobs.module(config.job)
+    config_utils.check_sections(config, config.job, job.SECTIONS)  # before any host starts
     parallel.maybe_initialize_distributed()
-    jobs[config.job](config, _WORKDIR.value)
+    job.run(config, _WORKDIR.value)
 
 
 def parse_flags(argv: list[str]) -> list[str]:

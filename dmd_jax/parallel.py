@@ -90,6 +90,32 @@ def to_global(local_batch: Any, mesh: Mesh) -> Any:
         lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def put_rows(array: np.ndarray, mesh: Mesh) -> jax.Array:
+    """A batch that every host holds whole (e.g. clips uploaded to the cloud) -> one array
+    sharded along `data`; each host puts the rows of its own devices."""
+    array = np.asarray(array)
+    return jax.make_array_from_callback(array.shape, batch_sharded(mesh), lambda index: array[index])
+
+
+def submesh_dividing(mesh: Mesh, *batch_sizes: int) -> Mesh:
+    """The largest part of `mesh` whose device count divides every batch size, with as
+    many devices from each host: a 32-clip batch then runs on 4 of 6 GPUs, not on none.
+    (A 1-D data mesh needs each batch to split evenly over its devices.)"""
+    devices = list(mesh.devices.flat)
+    hosts = sorted({d.process_index for d in devices})
+    per_host = {h: [d for d in devices if d.process_index == h] for h in hosts}
+    for count in range(len(devices), 0, -1):
+        if count % len(hosts) == 0 and all(b % count == 0 for b in batch_sizes):
+            if count == len(devices):
+                return mesh
+            chosen = [d for h in hosts for d in per_host[h][:count // len(hosts)]]
+            return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                                 devices=chosen)
+    raise ValueError(f"batches of {sorted(set(batch_sizes))} rows cannot be split evenly over "
+                     f"the {len(hosts)} hosts; choose batch sizes that are multiples of "
+                     f"{len(hosts)}")
+
+
 def put_replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
@@ -125,6 +151,12 @@ def barrier(name: str) -> None:
 def is_main_process() -> bool:
     """Only the first host writes summaries, logs and files other hosts would duplicate."""
     return jax.process_index() == 0
+
+
+def platform() -> str:
+    """'cpu', 'gpu' or 'tpu': for the few choices that depend on the hardware (e.g. which
+    depthwise-convolution implementation is fastest)."""
+    return jax.default_backend()
 
 
 def describe() -> dict[str, Any]:

@@ -1,16 +1,13 @@
-"""What a job tells the world: progress lines, TensorBoard scalars, summary.json.
+"""What a job tells the world: progress lines, TensorBoard scalars, fingerprints.
 
-Only the main process writes (other hosts would duplicate every line and file).
-Files are written atomically (temporary file + rename), so a killed job never leaves
-a half-written summary or config behind.
+Only the main process prints and writes (other hosts would duplicate every line and
+file); files go through `dmd_jax.files`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 import time
 from typing import Any, Mapping
 
@@ -18,43 +15,7 @@ import jax
 import numpy as np
 from clu import parameter_overview
 
-from dmd_jax import parallel
-from dmd_jax.errors import UserError
-
-
-class WorkdirError(UserError, OSError):
-    """The workdir cannot be created or written."""
-
-
-def ensure_workdir(workdir: str) -> None:
-    """Creates the workdir and proves it writable before any work is done."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write_probe"):
-            pass
-    except OSError as err:
-        raise WorkdirError(
-            f"workdir {workdir!r} is not writable ({err.strerror or err}); pass a --workdir "
-            "you can write to") from err
-
-
-def write_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` so that readers see the old file or the new one, never half."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=directory, delete=False, suffix=".tmp") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(f.name, path)
-
-
-def write_json(path: str, data: Mapping[str, Any]) -> None:
-    """Strict JSON (NaN, e.g. an undefined PGR, is written as null), written atomically."""
-    if parallel.is_main_process():
-        text = json.dumps(_nan_to_none(data), indent=2, sort_keys=True, default=_jsonable,
-                          allow_nan=False)
-        write_atomic(path, text + "\n")
+from dmd_jax import files, parallel
 
 
 def pyplot():
@@ -63,41 +24,6 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def save_figure(fig: Any, path: str, dpi: int = 120) -> None:
-    """Writes `fig` as a PNG atomically (temporary file, then rename) and closes it."""
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=dpi)
-    pyplot().close(fig)
-    os.replace(tmp, path)
-
-
-def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return {k: _nan_to_none(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_nan_to_none(v) for v in x]
-    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
-        return None
-    return x
-
-
-def save_npz(path: str, **arrays: np.ndarray) -> None:
-    """Per-clip arrays behind a reported figure, written atomically."""
-    if not parallel.is_main_process():
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=directory, delete=False, suffix=".npz") as f:
-        np.savez(f, **arrays)
-    os.replace(f.name, path)
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, (np.generic, np.ndarray)):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x)}")
 
 
 def fingerprint(tree: Any) -> str:
@@ -113,8 +39,7 @@ def fingerprint(tree: Any) -> str:
 def parameter_summary(params: Any, workdir: str) -> str:
     """Writes the full per-tensor table to parameters.txt; returns a per-module digest."""
     table = parameter_overview.get_parameter_overview(params, include_stats=False)
-    if parallel.is_main_process():
-        write_atomic(os.path.join(workdir, "parameters.txt"), table + "\n")
+    files.write_text(os.path.join(workdir, "parameters.txt"), table + "\n")
     counts: dict[str, int] = {}
     for key, leaf in params.items():
         counts[key.split("_block")[0]] = counts.get(key.split("_block")[0], 0) + sum(

@@ -8,12 +8,14 @@ end-of-text token the tower pools at.
 
 from __future__ import annotations
 
-import os
 import re
 
 import numpy as np
+from etils import epath
 
 from dmd_jax.errors import UserError
+
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class TokenizerNotFoundError(UserError, FileNotFoundError):
@@ -24,12 +26,12 @@ def load_tokenizer(directory: str):
     """The `tokenizers.Tokenizer` of a checkpoint folder."""
     from tokenizers import Tokenizer
 
-    path = os.path.join(directory, "tokenizer.json")
-    if not os.path.exists(path):
+    path = epath.Path(directory) / TOKENIZER_FILE
+    if not path.exists():
         raise TokenizerNotFoundError(
-            f"no tokenizer.json in {directory!r}: the zero-shot classifier needs the "
+            f"no {TOKENIZER_FILE} in {str(directory)!r}: the zero-shot classifier needs the "
             "checkpoint's tokenizer (download the whole checkpoint folder)")
-    tokenizer = Tokenizer.from_file(path)
+    tokenizer = Tokenizer.from_str(path.read_text())
     tokenizer.no_padding()  # `tokenize` pads and truncates to the text tower's context
     tokenizer.no_truncation()
     return tokenizer

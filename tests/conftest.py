@@ -33,10 +33,11 @@ from dmd_jax.config_utils import load_config  # noqa: E402
 from dmd_jax.data import pipeline  # noqa: E402
 
 
-def tiny_config(data_dir: str, variant: str = "tiny", **overrides):
-    """configs/demo.py:tiny (or another variant) on a tfds data_dir, with dotted-key overrides."""
-    config = load_config(os.path.join(REPO, "configs", "demo.py") + f":{variant}")
-    config.data.data_dir = data_dir
+def tiny_config(data_dir: str, stage: str = "edge", **overrides):
+    """configs/demo.py:STAGE,tiny on a tfds data_dir, with dotted-key overrides."""
+    config = load_config(os.path.join(REPO, "configs", "demo.py") + f":{stage},tiny")
+    if "data" in config:
+        config.data.data_dir = data_dir
     for key, value in overrides.items():
         node = config
         *parents, leaf = key.split(".")
@@ -83,5 +84,4 @@ def tiny_pipeline(data_dir, tmp_path_factory, worker_id, testrun_uid) -> str:
     from dmd_jax.jobs import pipeline as pipeline_job
 
     return _built_once(tmp_path_factory, worker_id, testrun_uid, "pipeline",
-                       lambda root: pipeline_job.run(tiny_config(data_dir, "tiny_pipeline"),
-                                                     root))
+                       lambda root: pipeline_job.run(tiny_config(data_dir, "pipeline"), root))

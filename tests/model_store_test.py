@@ -24,7 +24,7 @@ def test_export_reproduces_the_eval_logits(trained):
     predictions = np.load(os.path.join(trained, "predictions.npz"))
     split = pipeline.Split(pipeline.make_builder(_data_config(trained)), "test", 8, 32)
     video = split.rows(np.arange(4))["video"]
-    logits, features = jax.jit(model.logits_and_features)(pipeline.normalize(video))
+    logits, features = jax.jit(model.logits_and_features)(model.variables, pipeline.normalize(video))
     np.testing.assert_allclose(logits, predictions["logits"][:4], rtol=1e-5, atol=1e-5)
     assert features.ndim == 2 and features.shape[0] == 4
 

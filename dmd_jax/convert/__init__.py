@@ -1,116 +1,95 @@
 """PyTorch checkpoints -> the Flax models of dmd_jax (`python -m dmd_jax.convert`).
 
-One module per model family holds its declarative key map (`RULES`, `IGNORE`) and reads
-the model's configuration from the checkpoint (`model_config`); `mapping` applies the
-rules, `reader` loads the files without running code from them. X-CLIP becomes a
-zero-shot classifier: the class names' prompts are encoded once by its text tower.
+A *family* is a module of this package, found by the `--family` name (or any dotted
+path), that exports its declarative key map (`RULES`, `IGNORE`), whether it reads the
+checkpoint's `config.json` (`USES_CONFIG`), and `model_config(state_dict, hf)` ->
+`(config.model, num_classes or None for zero-shot, (frames, size))`, where `hf` is the
+config as an `hf_config.HFConfig` that refuses any field the family did not honour.
+`mapping` applies the rules, `reader` loads the files without running code from them.
+A zero-shot family's model module re-prompts it for the class names (`with_classes`).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
-import shutil
-import types
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
-from dmd_jax import model_store, models, text
-from dmd_jax.convert import mapping, reader
-from dmd_jax.convert import videomae as videomae_family
-from dmd_jax.convert import x3d as x3d_family
-from dmd_jax.convert import xclip as xclip_family
-from dmd_jax.models.xclip import XCLIP
+from dmd_jax import files, model_store, models, plugins, text
+from dmd_jax.convert import hf_config, mapping, reader
 
-FAMILIES: dict[str, types.ModuleType] = {
-    "x3d": x3d_family, "videomae": videomae_family, "xclip": xclip_family}
+FAMILY_EXPORTS = ("RULES", "IGNORE", "USES_CONFIG", "model_config")
 
 
-def convert(family: str, src: str, out: str, frames: int | None = None, size: int | None = None,
+def family(name: str):
+    """The converter module of `--family name`."""
+    return plugins.resolve(name, __name__, "--family", FAMILY_EXPORTS)
+
+
+def convert(family_name: str, src: str, out: str, frames: int | None = None,
+            size: int | None = None,
             class_names: tuple[str, ...] | None = None) -> model_store.LoadedModel:
     """Converts the checkpoint at `src` and exports it to `out`; returns the loaded model.
 
-    `frames`/`size` default to the checkpoint config's `num_frames`/`image_size` (else 16
-    and 224): the clip shape the jobs will feed it.
+    `frames`/`size` default to the checkpoint config's `num_frames`/`image_size` (X3D,
+    which has none: 16 and 224): the clip shape the jobs will feed it.
     """
-    if family not in FAMILIES:
-        raise reader.CheckpointFormatError(f"unknown --family {family!r}; choose from "
-                                           f"{sorted(FAMILIES)}")
-    rules = FAMILIES[family]
-    weights, hf_config = reader.find_checkpoint(src)
+    rules = family(family_name)
+    weights, config_json = reader.find_checkpoint(src, rules.USES_CONFIG)
     state_dict = reader.read_state_dict(weights)
-    model_config, num_classes = rules.model_config(state_dict, hf_config)
-    model_config.input_mean, model_config.input_std = _input_stats(src, rules.INPUT_STATS)
-    vision = (hf_config or {}).get("vision_config", hf_config or {})
-    input_shape = (frames or vision.get("num_frames", 16), size or vision.get("image_size", 224),
-                   size or vision.get("image_size", 224), 3)
+    hf = hf_config.HFConfig(config_json, family_name) if config_json is not None else None
+    model_config, num_classes, (default_frames, default_size) = rules.model_config(state_dict, hf)
+    stats = _input_stats(src)
+    if stats:
+        model_config.input_mean, model_config.input_std = stats
+    size = size or default_size
+    input_shape = (frames or default_frames, size, size, 3)
     if num_classes is None:  # zero-shot: the classes are the user's
         if not class_names:
-            raise mapping.ConversionError(f"a zero-shot {family} classifier needs the class "
-                                          "names: pass --class-names FILE (one per line)")
+            raise mapping.ConversionError(f"a zero-shot {family_name} classifier needs the "
+                                          "class names: pass --class-names FILE (one per line)")
         num_classes = len(class_names)
-    names = class_names or _names_from_config(hf_config, num_classes)
+    names = class_names or _names_from_config(hf, num_classes)
     if len(names) != num_classes:
         raise mapping.ConversionError(f"{len(names)} class names given, but the checkpoint "
                                       f"has {num_classes} classes")
+    if hf is not None:
+        hf.finish()  # every config.json field honoured or explicitly irrelevant
 
     module = models.build(model_config, num_classes)
     target = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, *input_shape)))
     variables = {k: v for k, v in target.items() if k != "text"}
     variables = mapping.convert(state_dict, variables, rules.RULES, rules.IGNORE)
+    if "text" in target:  # zero-shot: its tokenizer is kept with it, to prompt new classes
+        folder = src if os.path.isdir(src) else os.path.dirname(src)
+        text.load_tokenizer(folder)  # one clear error if the checkpoint has none
+        files.write_bytes(epath.Path(out) / text.TOKENIZER_FILE,
+                          (epath.Path(folder) / text.TOKENIZER_FILE).read_bytes())
+    source = f"converted from {src} ({family_name})"
+    model = model_store.LoadedModel(module, variables, model_config, tuple(names), input_shape,
+                                    source, out)
     if "text" in target:
-        tokenizer_dir = src if os.path.isdir(src) else os.path.dirname(src)
-        variables["text"] = {"embeds": class_text_embeddings(
-            module.xclip, variables["params"]["xclip"], text.load_tokenizer(tokenizer_dir),
-            names, model_config.prompt_template)}
-    model_store.save(out, model_config, names, variables, input_shape,
-                     source=f"converted from {src} ({family})")
-    if "text" in target:  # kept with the model, so its classes can be changed later
-        shutil.copy(os.path.join(tokenizer_dir, "tokenizer.json"), os.path.join(out, "tokenizer.json"))
+        model = models.module_for(model_config.name).with_classes(model, tuple(names), out)
+    model_store.save(out, model_config, tuple(names), model.variables, input_shape, source)
     return model_store.load(out)
 
 
-def with_classes(model: model_store.LoadedModel, class_names: tuple[str, ...],
-                 directory: str) -> model_store.LoadedModel:
-    """A zero-shot model (X-CLIP) re-prompted for `class_names`, e.g. a dataset's classes.
-
-    `directory` is the model directory `model` was loaded from (its tokenizer is there)."""
-    if model.model_config.name != "xclip":
-        raise mapping.ConversionError(
-            f"only zero-shot models can take new class names; {model.source} is a "
-            f"{model.model_config.name} classifier: fine-tune it (train.init_from) instead")
-    xclip = model.module.xclip
-    embeds = class_text_embeddings(xclip, model.variables["params"]["xclip"],
-                                   text.load_tokenizer(directory), class_names,
-                                   model.model_config.prompt_template)
-    module = models.build(model.model_config, len(class_names))
-    variables = {**model.variables, "text": {"embeds": embeds}}
-    return dataclasses.replace(model, module=module, variables=variables, class_names=class_names)
-
-
-def class_text_embeddings(xclip: XCLIP, params, tokenizer, class_names: tuple[str, ...],
-                          template: str) -> jnp.ndarray:
-    """The projected text embedding of each class's prompt, computed once."""
-    ids = text.tokenize(tokenizer, text.prompts(class_names, template), xclip.context_length)
-    return jax.jit(lambda p, i: xclip.apply({"params": p}, i, method=XCLIP.encode_text))(params, ids)
-
-
-def _input_stats(src: str, default: tuple) -> tuple:
-    """The checkpoint's own normalisation (preprocessor_config.json), else the family's."""
-    folder = src if os.path.isdir(src) else os.path.dirname(src)
-    path = os.path.join(folder, "preprocessor_config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            processor = json.load(f)
+def _input_stats(src: str) -> tuple | None:
+    """The checkpoint's own normalisation (preprocessor_config.json), if it ships one;
+    else the model module's `INPUT_STATS` apply."""
+    folder = epath.Path(src if os.path.isdir(src) else os.path.dirname(src))
+    path = folder / "preprocessor_config.json"
+    if path.exists():
+        processor = files.read_json(path)
         if "image_mean" in processor and "image_std" in processor:
             return tuple(processor["image_mean"]), tuple(processor["image_std"])
-    return default
+    return None
 
 
-def _names_from_config(hf_config: dict | None, num_classes: int) -> tuple[str, ...]:
-    id2label = (hf_config or {}).get("id2label")
+def _names_from_config(hf: hf_config.HFConfig | None, num_classes: int) -> tuple[str, ...]:
+    id2label = hf.get("id2label") if hf is not None else None
     if id2label and len(id2label) == num_classes:
         return tuple(id2label[str(i)] if str(i) in id2label else id2label[i]
                      for i in range(num_classes))

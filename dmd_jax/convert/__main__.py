@@ -9,13 +9,17 @@ from __future__ import annotations
 import argparse
 
 from dmd_jax import config_utils
-from dmd_jax.convert import FAMILIES, convert
+from dmd_jax import plugins
+from dmd_jax.convert import FAMILY_EXPORTS, convert
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m dmd_jax.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", required=True, choices=sorted(FAMILIES))
+    parser.add_argument("--family", required=True,
+                        help="the checkpoint's family: "
+                             f"{', '.join(plugins.available('dmd_jax.convert', FAMILY_EXPORTS))} "
+                             "(or the dotted path of a converter module of yours)")
     parser.add_argument("--src", required=True,
                         help=".safetensors, .bin/.pt/.pth/.pyth, or a folder with config.json")
     parser.add_argument("--out", required=True, help="the model directory to write")

@@ -30,13 +30,11 @@ class CheckpointFormatError(UserError, ValueError):
     """The path is not a checkpoint this converter can read."""
 
 
-def find_checkpoint(src: str) -> tuple[str, dict[str, Any] | None]:
-    """`(weights file, config.json contents or None)` for a file or a checkpoint folder."""
+def find_checkpoint(src: str, uses_config: bool = True) -> tuple[str, dict[str, Any] | None]:
+    """`(weights file, config.json contents or None)` for a file or a checkpoint folder;
+    `config.json` is read only for families whose architecture it describes."""
     if os.path.isdir(src):
-        config = None
-        if os.path.exists(os.path.join(src, "config.json")):
-            with open(os.path.join(src, "config.json")) as f:
-                config = json.load(f)
+        config = _read_config(os.path.join(src, "config.json")) if uses_config else None
         for name in ("model.safetensors", "pytorch_model.bin"):
             if os.path.exists(os.path.join(src, name)):
                 return os.path.join(src, name), config
@@ -45,12 +43,19 @@ def find_checkpoint(src: str) -> tuple[str, dict[str, Any] | None]:
             "weights file itself with --src")
     if not os.path.exists(src):
         raise CheckpointFormatError(f"checkpoint {src!r} does not exist")
-    config_path = os.path.join(os.path.dirname(src), "config.json")
-    config = None
-    if os.path.exists(config_path):
-        with open(config_path) as f:
-            config = json.load(f)
+    config = _read_config(os.path.join(os.path.dirname(src), "config.json")) if uses_config else None
     return src, config
+
+
+def _read_config(path: str) -> dict[str, Any] | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as err:
+        raise CheckpointFormatError(f"{path} is not valid JSON ({err}); download the "
+                                    "checkpoint's config.json again") from err
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:

@@ -43,7 +43,7 @@ RULES: tuple[Rule, ...] = (
     Rule(r"params/head_proj/bias", "blocks.5.proj.bias"),
 )
 IGNORE = (r".*num_batches_tracked",)
-INPUT_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))  # pytorchvideo's Kinetics recipe
+USES_CONFIG = False  # pytorchvideo checkpoints carry no config: the shapes say it all
 
 # The multipliers real checkpoints use come first: several depths give the same blocks.
 _WIDTHS = (2.0, *np.round(np.arange(0.1, 4.001, 0.05), 2))
@@ -51,10 +51,11 @@ _DEPTHS = (2.2, 5.0, 1.0, *np.round(np.arange(0.1, 6.001, 0.1), 2))
 
 
 def model_config(state_dict: dict[str, np.ndarray],
-                 hf_config: dict | None = None) -> tuple[ml_collections.ConfigDict, int]:
-    """`(config.model, num_classes)` of the X3D whose weights these are (read from the
-    shapes: pytorchvideo checkpoints carry no config)."""
-    del hf_config
+                 hf: None = None) -> tuple[ml_collections.ConfigDict, int, tuple[int, int]]:
+    """`(config.model, num_classes, (frames, size))` of the X3D whose weights these are
+    (read from the shapes: pytorchvideo checkpoints carry no config). XS, S and M share
+    one network; the clip shape defaults to X3D-M's 16 x 224 (--frames/--size for others)."""
+    del hf
     try:
         num_classes, head_dim = state_dict["blocks.5.proj.weight"].shape
         stem_dim = state_dict["blocks.0.conv.conv_t.weight"].shape[0]
@@ -77,5 +78,5 @@ def model_config(state_dict: dict[str, np.ndarray],
     config = ml_collections.ConfigDict(dict(
         name="x3d", width_factor=float(width), depth_factor=float(depth), stem_dim_in=12,
         bottleneck_factor=inner / dims[0], se_ratio=0.0625, head_dim=int(head_dim),
-        dropout_rate=0.5, depthwise_impl="shifted", dtype="float32"))
-    return config, int(num_classes)
+        dropout_rate=0.5))
+    return config, int(num_classes), (16, 224)

@@ -1,18 +1,20 @@
 """transformers `XCLIPModel` -> `models.xclip.XCLIP` (inside the zero-shot classifier).
 
-Every size is read from the checkpoint's `config.json` (`text_config`, `vision_config`,
-the prompt generator's settings). The Flax tree may sit under `xclip/` (inside
-`XCLIPZeroShot`) or at the top (the bare two-tower model): the rules accept both.
+Every size, epsilon and activation is read from the checkpoint's `config.json`
+(`text_config`, `vision_config`, the prompt generator's settings); a field the
+converter does not understand is refused by name (`hf_config`). The Flax tree may sit
+under `xclip/` (older exports) or at the top (`models.xclip.Model`): the rules accept both.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import ml_collections
 import numpy as np
 
+from dmd_jax.convert.hf_config import HFConfig
 from dmd_jax.convert.mapping import ConversionError, Rule, conv, dense, layer_norm
+from dmd_jax.convert.videomae import square_size
+from dmd_jax.models.xclip import ACTIVATIONS
 
 _ = r"(?:xclip/)?"  # optional prefix; non-capturing, so layer numbers stay group 1
 _V, _VS = rf"{_}vision_(\d+)", r"vision_model.encoder.layers.\1"
@@ -58,41 +60,55 @@ RULES: tuple[Rule, ...] = (
     Rule(rf"params/{_}logit_scale", "logit_scale"),
 )
 IGNORE = (r".*position_ids",)  # index buffers some checkpoints carry
-INPUT_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))  # CLIP
+USES_CONFIG = True
+_TRAINING_ONLY = ("attention_dropout", "dropout", "drop_path_rate", "initializer_range",
+                  "initializer_factor")
 
 
-def xclip_config(hf_config: dict[str, Any] | None) -> dict[str, Any]:
-    """The `XCLIP` module's fields from a transformers config.json (its defaults elsewhere)."""
-    if not hf_config:
+def model_config(state_dict: dict[str, np.ndarray],
+                 hf: HFConfig | None) -> tuple[ml_collections.ConfigDict, None, tuple[int, int]]:
+    """`(config.model, None, (frames, size))` of the zero-shot classifier (its classes come
+    from the user); every config.json field honoured, known irrelevant, or refused."""
+    del state_dict
+    if hf is None:
         raise ConversionError("an X-CLIP checkpoint needs its config.json next to the weights "
                               "(or pass the checkpoint folder as --src)")
-    text, vision = hf_config.get("text_config", {}), hf_config.get("vision_config", {})
-    for tower, cfg in (("text", text), ("vision", vision)):
-        if cfg.get("hidden_act", "quick_gelu") != "quick_gelu":
-            raise ConversionError(f"{tower} hidden_act {cfg['hidden_act']!r} is not supported")
-    return dict(
-        num_frames=vision.get("num_frames", 8), image_size=vision.get("image_size", 224),
+    acts = tuple(ACTIVATIONS)
+    text, vision = hf.sub("text_config"), hf.sub("vision_config")
+    hf.ignore("logit_scale_init_value",  # the trained logit_scale is a tensor
+              "prompt_attention_dropout", "prompt_projection_dropout", *_TRAINING_ONLY)
+    for legacy in ("text_config_dict", "vision_config_dict"):
+        hf.ignore_if(legacy, None)
+    for tower in (text, vision):
+        tower.ignore(*_TRAINING_ONLY, "projection_dim")  # the model's, read from the top
+    vision.choice("num_channels", (3,), 3)
+    size = square_size(vision, "image_size", 224)
+    fields = dict(
+        num_frames=vision.get("num_frames", 8), image_size=size,
         patch_size=vision.get("patch_size", 32), vision_width=vision.get("hidden_size", 768),
         vision_layers=vision.get("num_hidden_layers", 12),
         vision_heads=vision.get("num_attention_heads", 12),
         vision_mlp=vision.get("intermediate_size", 3072),
-        mit_width=vision.get("mit_hidden_size", 512), mit_layers=vision.get("mit_num_hidden_layers", 1),
+        mit_width=vision.get("mit_hidden_size", 512),
+        mit_layers=vision.get("mit_num_hidden_layers", 1),
         mit_heads=vision.get("mit_num_attention_heads", 8),
         mit_mlp=vision.get("mit_intermediate_size", 2048),
         vocab_size=text.get("vocab_size", 49408),
         context_length=text.get("max_position_embeddings", 77),
         text_width=text.get("hidden_size", 512), text_layers=text.get("num_hidden_layers", 12),
         text_heads=text.get("num_attention_heads", 8), text_mlp=text.get("intermediate_size", 2048),
-        projection_dim=hf_config.get("projection_dim", 512),
-        prompt_layers=hf_config.get("prompt_layers", 2),
-        prompt_heads=hf_config.get("prompt_num_attention_heads", 8),
-        prompt_alpha=hf_config.get("prompt_alpha", 0.1),
-        eps=vision.get("layer_norm_eps", 1e-5))
-
-
-def model_config(state_dict: dict[str, np.ndarray],
-                 hf_config: dict[str, Any] | None) -> tuple[ml_collections.ConfigDict, None]:
-    """`config.model` of the zero-shot classifier; its classes come from the user."""
-    del state_dict
-    return ml_collections.ConfigDict(dict(name="xclip", prompt_template="a video of {}.",
-                                          dtype="float32", **xclip_config(hf_config))), None
+        projection_dim=hf.get("projection_dim", 512),
+        prompt_layers=hf.get("prompt_layers", 2),
+        prompt_heads=hf.get("prompt_num_attention_heads", 8),
+        prompt_alpha=hf.get("prompt_alpha", 0.1),
+        vision_eps=float(vision.get("layer_norm_eps", 1e-5)),
+        text_eps=float(text.get("layer_norm_eps", 1e-5)),
+        vision_act=vision.choice("hidden_act", acts, "quick_gelu"),
+        text_act=text.choice("hidden_act", acts, "quick_gelu"),
+        prompt_act=hf.choice("prompt_hidden_act", acts, "quick_gelu"))
+    # The text tower pools at the largest token id (transformers forces this legacy rule
+    # for X-CLIP whatever eos_token_id says), so the token ids are bookkeeping here.
+    text.ignore("bos_token_id", "eos_token_id", "pad_token_id")
+    config = ml_collections.ConfigDict(dict(name="xclip", prompt_template="a video of {}.",
+                                            **fields))
+    return config, None, (int(fields["num_frames"]), size)

@@ -128,8 +128,11 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
 
     @classmethod
     def for_folder(cls, root: str, frames: int, size: int, **kwargs) -> "VideoFolder":
+        """Named by the folder's path, its contents (`video_folder.listing_digest`) and the
+        clip shape: a changed folder is prepared anew."""
         root = os.path.abspath(root)
-        digest = hashlib.sha256(f"{root}|{frames}|{size}".encode()).hexdigest()[:10]
+        content = video_folder.listing_digest(root)
+        digest = hashlib.sha256(f"{root}|{frames}|{size}|{content}".encode()).hexdigest()[:10]
         name = f"{os.path.basename(root.rstrip('/')) or 'root'}_f{frames}_{size}_{digest}"
         return cls(config=VideoFolderConfig(name=name, root=root, frames=frames, size=size),
                    **kwargs)

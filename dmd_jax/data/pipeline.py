@@ -78,6 +78,16 @@ def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     return builder if parallel.is_main_process() else make_builder(data)
 
 
+def dataset_identity(builder: tfds.core.DatasetBuilder,
+                     data: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What results made from this data depend on, for artifact stamps: the prepared
+    dataset (its builder config's name hashes what generated it; a video folder's, its
+    files), the split specs and the clip shape."""
+    return {"dataset": f"{builder.name}/{builder.builder_config.name}@{builder.version}",
+            "split_specs": dict(data.get("split_specs") or {}),
+            "frames": int(data.frames), "size": int(data.size)}
+
+
 class Split:
     """One split of a prepared dataset: random access to `(video, label, id)` rows.
 

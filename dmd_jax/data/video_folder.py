@@ -7,6 +7,7 @@ recognition, cheap enough to store as uint8 arrays in the tfds dataset.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterator
 
@@ -73,3 +74,19 @@ def _resize_crop(frame: av.VideoFrame, size: int) -> np.ndarray:
     rgb = frame.reformat(width=width, height=height, format="rgb24").to_ndarray()
     top, left = (height - size) // 2, (width - size) // 2
     return rgb[top:top + size, left:left + size]
+
+
+def listing_digest(root: str) -> str:
+    """A hash of every split, class folder and video file (name and size): a folder that
+    gained or lost a class or a video is another dataset, prepared anew, never read as
+    the old one."""
+    digest = hashlib.sha256()
+    for split in split_names(root):
+        for folder, dirs, names in sorted(os.walk(os.path.join(root, split))):
+            dirs.sort()
+            for name in sorted(names):
+                path = os.path.join(folder, name)
+                digest.update(f"{os.path.relpath(path, root)}|{os.path.getsize(path)}\n".encode())
+            for name in dirs:  # empty class folders count too
+                digest.update(f"{os.path.relpath(os.path.join(folder, name), root)}/\n".encode())
+    return digest.hexdigest()[:10]

@@ -2,12 +2,14 @@
 
 For every method of `config.adapt.methods` and every stream of the protocol (`reset`:
 one per corruption x severity, models reset before each; `continual`; `mixed`), the
-corrupted test split flows through the method batch by batch. Accuracy counts the
+corrupted test split flows through the method batch by batch. Methods are found by
+name (`dmd_jax.tta`: a module per method, variants as config). Accuracy counts the
 predictions each method made *before* that batch changed it. Per stream it saves the
-per-clip predictions (`WORKDIR/<protocol>/<method>/<stream>.npz`, written atomically:
-a killed job started again skips the streams on disk), and at the end `summary.json`,
-`report.md` (accuracy per corruption, mPC, rPC, upload and bytes) and
-`accuracy_vs_upload.png`.
+per-clip predictions (`WORKDIR/<protocol>/<method>/<stream>.npz`, written atomically,
+with the stamp of what made it: a killed job started again skips the streams on disk
+that this run would make, and refuses, or with `overwrite` recomputes, those made with
+other settings), and at the end `summary.json`, `report.md` (accuracy per corruption,
+mPC, rPC, upload and bytes) and `accuracy_vs_upload.png`.
 
 Stability: after a method has adapted, a batch with non-finite outputs or loss, or whose
 predictions collapse onto one class (`collapse_fraction` of the batch), resets the
@@ -16,130 +18,137 @@ method to the source model. Every such reset is logged and counted in the summar
 
 from __future__ import annotations
 
+import json
 import os
 import time
-from typing import Any, Callable
+from typing import Any
 
 import ml_collections
 import numpy as np
 
-from dmd_jax import model_store, parallel, reporting
+from dmd_jax import config_utils, files, model_store, parallel, reporting, stamps, tta
 from dmd_jax.data import pipeline, streams
-from dmd_jax.errors import UserError
-from dmd_jax.jobs import label
-from dmd_jax.tta import baselines, cema
 from dmd_jax.tta.adaptable import Adaptable
+from dmd_jax.tta.base import BatchResult, Context, Method
 
-# Named CEMA variants: the paper's method, its ablations and the 100%-upload bound.
-CEMA_VARIANTS = {
-    "cema": {},
-    "cema_static_emax": {"dynamic_emax": False},  # the official code's setting
-    "cema_no_emin": {"low_info_filter": False},
-    "cema_no_redundancy": {"redundancy_filter": False},
-    "cloud_all": {"upload_all": True},
-    "cema_tbr": {"batch_renorm": True},  # test-time batch renormalisation (official code)
-    "cloud_all_tbr": {"upload_all": True, "batch_renorm": True},
-}
-BASELINES = ("source", "norm", "tent", "eata", "sar")
+SECTIONS = ("data", "edge", "cloud", "adapt", "runtime")
+# The stream settings that determine a stream's outcome (with the method's own settings).
+_STREAM_KEYS = ("split", "protocol", "severities", "batch_size", "seed", "collapse_fraction")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    reporting.ensure_workdir(workdir)
-    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    config_utils.check_sections(config, "adapt", SECTIONS)
+    files.ensure_workdir(workdir)
     cfg = config.adapt
-    _check_methods(cfg.methods)
+    tta.check(cfg)
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_global_batch(cfg.batch_size, mesh)
 
-    edge_model = model_store.load(config.edge.path, role="edge")
     builder = pipeline.prepare(config.data)
     split = pipeline.open_split(builder, config.data, cfg.split)
-    if edge_model.class_names != split.class_names:
-        raise UserError(f"the edge model ({edge_model.source}) was trained on other classes "
-                        f"than split {split.name!r}; train or convert it for this dataset")
+    edge_model = model_store.load(config.edge.path, "edge", config.runtime,
+                                  class_names=split.class_names)
     edge = Adaptable.of(edge_model)
     reader = streams.StreamReader(split, cfg.batch_size, mesh, cfg.seed)
     stream_list = streams.make_streams(cfg.protocol, len(split), tuple(cfg.corruptions),
                                        tuple(cfg.severities), cfg.batch_size, cfg.seed)
-    builders = _method_builders(config, edge, builder, mesh)
+    identity = {"data": pipeline.dataset_identity(builder, config.data),
+                "runtime": stamps.canonical(config.runtime),
+                "edge": edge_model.fingerprint,
+                "cloud": model_store.stored_fingerprint(config.cloud.path)}
+    overwrite = config.get("overwrite", False)
+    files.write_json(files.path(workdir) / "config.json", config.to_dict())
 
-    clean = _clean_accuracy(builders["source"](), split, cfg, mesh, workdir)
+    clean = _clean_accuracy(edge, split, cfg, mesh, workdir, identity, overwrite)
     results: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     for name in cfg.methods:
         method = None  # built on first need: a finished method costs nothing to resume
         results[name] = {}
         for stream in stream_list:
-            path = os.path.join(workdir, cfg.protocol, name, f"{stream.name}.npz")
-            if parallel.broadcast_from_main(np.asarray(os.path.exists(path))):
-                results[name][stream.name] = dict(np.load(path))
+            path = files.path(workdir) / cfg.protocol / name / f"{stream.name}.npz"
+            stamp = stream_stamp(cfg, name, stream, identity)
+            saved = _saved_stream(path, stamp, f"{name} stream {stream.name}", overwrite)
+            if saved is not None:
+                results[name][stream.name] = saved
                 continue
-            method = method or builders[name]()
+            method = method or tta.build(cfg, name, edge, _context(config, name, builder, mesh))
             method.reset()
             outcome = run_stream(method, stream, reader, cfg)
-            reporting.save_npz(path, **outcome)
+            files.save_npz(path, **outcome, stamp=np.asarray(json.dumps(stamp)))
             results[name][stream.name] = outcome
             _log_stream(name, stream.name, outcome)
 
     summary = summarize(results, clean, cfg)
     summary["devices"] = parallel.describe()
-    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
-    if parallel.is_main_process():
-        reporting.write_atomic(os.path.join(workdir, "report.md"), markdown(summary))
-        _plot(os.path.join(workdir, "accuracy_vs_upload.png"), summary)
+    files.write_json(files.path(workdir) / "summary.json", summary)
+    files.write_text(files.path(workdir) / "report.md", markdown(summary))
+    _plot(os.path.join(workdir, "accuracy_vs_upload.png"), summary)
     reporting.log(f"[adapt] done: {os.path.join(workdir, 'report.md')}")
     return summary
 
 
-def _check_methods(methods) -> None:
-    unknown = [m for m in methods if m not in BASELINES and m not in CEMA_VARIANTS]
-    if unknown:
-        raise ValueError(f"unknown adaptation methods {unknown} in config.adapt.methods; "
-                         f"available: {list(BASELINES) + list(CEMA_VARIANTS)}")
+def stream_stamp(cfg: ml_collections.ConfigDict, name: str, stream: streams.Stream,
+                 identity: dict[str, Any]) -> dict[str, Any]:
+    """What a stream's outcome depends on: the method's settings, the stream settings,
+    the corruptions it meets (its own for `reset`, all for the joined protocols), the
+    models and the data."""
+    implementation, settings = tta.method_settings(cfg, name)
+    corruptions = (list(stream.corruption_names) if cfg.protocol != "reset"
+                   else [stream.name.split("@")[0]])
+    return stamps.make(
+        {"method": {"name": name, "implementation": implementation, "settings": settings},
+         "stream": {**{k: cfg[k] for k in _STREAM_KEYS}, "corruptions": corruptions},
+         "data": identity["data"], "runtime": identity["runtime"]},
+        {"edge": identity["edge"], "cloud": identity["cloud"]})
 
 
-def _method_builders(config: ml_collections.ConfigDict, edge: Adaptable, builder,
-                     mesh) -> dict[str, Callable[[], baselines.Method]]:
-    """Method name -> a function that builds it (models load only when a method needs them)."""
+def _saved_stream(path, stamp: dict[str, Any], what: str,
+                  overwrite: bool) -> dict[str, np.ndarray] | None:
+    """The stream's saved outcome if its stamp matches this run's; None to (re)compute."""
+    exists = bool(parallel.broadcast_from_main(np.asarray(files.exists(path))))
+    if not exists:
+        return None
+    saved = files.load_npz(path)  # every host reads it: all of them summarise
+    old = json.loads(str(saved.pop("stamp"))) if "stamp" in saved else None
+    if stamps.check(old, stamp, what, str(path), overwrite, has_results=True):
+        return saved
+    return None
+
+
+def _context(config: ml_collections.ConfigDict, name: str, builder, mesh) -> Context:
+    """What method `name` may ask the job for: the cloud model, clean clips."""
     cfg = config.adapt
 
     def foundation() -> Adaptable:
-        cloud = model_store.load(config.cloud.path, role="cloud")
-        return Adaptable.of(label.zero_shot_for(cloud, config.cloud.path, builder))
+        return Adaptable.of(model_store.load(config.cloud.path, "cloud", config.runtime,
+                                             class_names=builder.info.features["label"].names))
 
-    def eata() -> baselines.Method:
-        fisher_split = pipeline.open_split(builder, config.data, cfg.tta.fisher_split)
-        count = min(cfg.tta.fisher_clips, len(fisher_split))
+    def clean_batches(split_name: str, clips: int):
+        clean = pipeline.open_split(builder, config.data, split_name)
+        count = min(clips, len(clean))
         count -= count % cfg.batch_size
         rows = parallel.host_slice(cfg.batch_size)
-        clean_batches = (parallel.to_global(fisher_split.rows(np.arange(s, s + cfg.batch_size)[rows])
-                                            ["video"], mesh)
-                         for s in range(0, count, cfg.batch_size))
-        return baselines.EATA(edge, mesh, cfg.tta, clean_batches)
+        for start in range(0, count, cfg.batch_size):
+            batch = clean.rows(np.arange(start, start + cfg.batch_size)[rows])
+            yield parallel.to_global(batch["video"], mesh)
 
-    def cema_variant(name: str) -> Callable[[], baselines.Method]:
-        def build() -> baselines.Method:
-            variant = ml_collections.ConfigDict(cfg.cema.to_dict())
-            variant.update(CEMA_VARIANTS[name])
-            return cema.CEMA(name, edge, foundation(), mesh, variant, cfg.seed)
-        return build
-
-    return {"source": lambda: baselines.Source(edge, mesh),
-            "norm": lambda: baselines.Norm(edge, mesh),
-            "tent": lambda: baselines.Tent(edge, mesh, cfg.tta),
-            "eata": eata,
-            "sar": lambda: baselines.SAR(edge, mesh, cfg.tta),
-            **{name: cema_variant(name) for name in CEMA_VARIANTS}}
+    return Context(name=name, mesh=mesh, seed=cfg.seed, batch_size=cfg.batch_size,
+                   foundation=foundation, clean_batches=clean_batches)
 
 
-def _clean_accuracy(source: baselines.Method, split: pipeline.Split,
-                    cfg: ml_collections.ConfigDict, mesh, workdir: str) -> float:
+def _clean_accuracy(edge: Adaptable, split: pipeline.Split, cfg: ml_collections.ConfigDict,
+                    mesh, workdir: str, identity: dict[str, Any], overwrite: bool) -> float:
     """The source model's accuracy on the uncorrupted stream clips: rPC's denominator."""
-    path = os.path.join(workdir, "clean_source.npz")
+    path = files.path(workdir) / "clean_source.npz"
+    stamp = stamps.make({"split": cfg.split, "batch_size": cfg.batch_size, "seed": cfg.seed,
+                         "data": identity["data"], "runtime": identity["runtime"]},
+                        {"edge": identity["edge"]})
     # Every host must take the same branch (the forward passes are collective), and only
     # the main host writes: decide on its view of the disk, use the in-memory result.
-    if parallel.broadcast_from_main(np.asarray(os.path.exists(path))):
-        saved = dict(np.load(path))
-    else:
+    saved = _saved_stream(path, stamp, "clean accuracy", overwrite)
+    if saved is None:
+        source = tta.build(cfg, "source", edge, Context("source", mesh, cfg.seed,
+                                                        cfg.batch_size, None, None))
         order = streams.clip_order(len(split), cfg.batch_size, cfg.seed)  # the streams' clips
         rows = parallel.host_slice(cfg.batch_size)
         predictions, labels = [], []
@@ -149,11 +158,11 @@ def _clean_accuracy(source: baselines.Method, split: pipeline.Split,
             predictions.append(logits.argmax(-1))
             labels.append(parallel.gather_host_rows(host["label"]))
         saved = {"prediction": np.concatenate(predictions), "label": np.concatenate(labels)}
-        reporting.save_npz(path, **saved)
+        files.save_npz(path, **saved, stamp=np.asarray(json.dumps(stamp)))
     return float(np.mean(saved["prediction"] == saved["label"]))
 
 
-def run_stream(method: baselines.Method, stream: streams.Stream, reader: streams.StreamReader,
+def run_stream(method: Method, stream: streams.Stream, reader: streams.StreamReader,
                cfg: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
     """One stream through one method; per-clip and per-batch records of what happened."""
     rows: dict[str, list[np.ndarray]] = {k: [] for k in (
@@ -195,7 +204,7 @@ def run_stream(method: baselines.Method, stream: streams.Stream, reader: streams
     return out
 
 
-def health_problem(result: baselines.BatchResult, adapted: bool, collapse_fraction: float,
+def health_problem(result: BatchResult, adapted: bool, collapse_fraction: float,
                    before: float) -> str | None:
     """Why the adapted model must be reset, or None: a non-finite loss or outputs, or a
     collapse the adaptation caused: at least `collapse_fraction` of the batch predicted
@@ -254,7 +263,7 @@ def summarize(results: dict[str, dict[str, dict[str, np.ndarray]]], clean_accura
             "protocol": cfg.protocol, "severities": list(cfg.severities),
             "corruptions": list(cfg.corruptions), "batch_size": cfg.batch_size,
             "clean_accuracy": clean_accuracy, "methods": methods,
-            "settings": {"tta": cfg.tta.to_dict(), "cema": cfg.cema.to_dict(),
+            "settings": {**{name: tta.method_settings(cfg, name)[1] for name in results},
                          "collapse_fraction": cfg.collapse_fraction}}
 
 
@@ -279,7 +288,8 @@ def _rows_by_condition(per_stream: dict[str, dict[str, np.ndarray]]) -> dict[str
 
 
 def _failed_columns(rows: dict[str, np.ndarray]) -> tuple[str, ...]:
-    return tuple(f"failed_{name}" for name in cema.FILTERS if f"failed_{name}" in rows)
+    """Per-filter rejections a method recorded (CEMA's upload filters)."""
+    return tuple(sorted(k for k in rows if k.startswith("failed_")))
 
 
 def _condition_stats(rows: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -368,4 +378,4 @@ def _plot(path: str, summary: dict[str, Any]) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    reporting.save_figure(fig, path)
+    files.save_figure(fig, path)

@@ -1,19 +1,22 @@
 """The `evaluate_hybrid` job: calibrate the switcher, then compare every router.
 
 Reads the label job's calibration and test splits (edge features and logits, cloud
-logits, ground truth) and the trained switchers, then:
+logits, ground truth) and builds every router of `config.hybrid.routers`
+(`dmd_jax.routers`: trained switchers, the edge's confidence, or a module of yours), then:
 
-1. tunes the cloud-side fusion weight and the switcher threshold on the *calibration*
-   split: to a target offload rate, or to the best accuracy under a GFLOPs budget (per
-   clip, or a fraction of the cloud alone's);
-2. on the *test* split, sweeps every router of METHODS.md §1 over offload rates 0..1
-   (deferral curves) and summarises them (AUC, APGR, CPT, oracle gap);
+1. tunes the cloud-side fusion weight and the deployed router's threshold
+   (`hybrid.deploy`) on the *calibration* split: to a target offload rate, or to the best
+   accuracy under a GFLOPs budget (per clip, or a fraction of the cloud alone's);
+2. on the *test* split, sweeps every router, and the `random` and `oracle` references,
+   over offload rates 0..1 (deferral curves) and summarises them (AUC, APGR, CPT, oracle
+   gap);
 3. reports the operating point: realised offload rate, accuracy, GFLOPs per clip (XLA's
-   count for each compiled model) and upload bytes.
+   count for each compiled model, lowered on shapes only) and upload bytes.
 
-Writes `summary.json`, `predictions.npz` (per test clip), `curves.npz`,
-`operating_point.json` (what `hybrid.HybridClassifier.from_dirs` needs),
-`deferral.png` and `report.md`.
+Writes `summary.json`, `predictions.npz` (per test clip, with every router's score),
+`curves.npz`, `operating_point.json` (what `hybrid.HybridClassifier.from_dirs` needs:
+the router's spec and the fingerprints of the edge, router and labels it was calibrated
+for), `deferral.png` and `report.md`.
 """
 
 from __future__ import annotations
@@ -21,110 +24,128 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmd_jax import flops, hybrid, model_store, reporting, routing
-from dmd_jax.data import pipeline
-from dmd_jax.jobs import label
-from dmd_jax.jobs import switcher as switcher_job
-from dmd_jax.models.switcher import confidence_stats
+from dmd_jax import config_utils, files, flops, hybrid, model_store, reporting, routers, routing
+from dmd_jax.data import labels
+from dmd_jax.errors import UserError
 
+SECTIONS = ("edge", "cloud", "hybrid", "runtime")
 FUSION_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
+REFERENCES = ("random", "oracle")  # curves, not deployable routers
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    reporting.ensure_workdir(workdir)
-    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    config_utils.check_sections(config, "evaluate_hybrid", SECTIONS)
+    files.ensure_workdir(workdir)
     cfg = config.hybrid
-    calibration = label.read_split(cfg.label_dir, cfg.calibration_split)
-    test = label.read_split(cfg.label_dir, cfg.test_split)
-    switchers = _load_switchers(cfg)  # after the labels: those are the first thing missing
-    calibration, test = _with_scores(switchers, calibration), _with_scores(switchers, test)
-    costs = _costs(config, test, *switchers["dmd_switcher"])
+    _check_router_names(cfg)
+    calibration = labels.read_split(cfg.label_dir, cfg.calibration_split)
+    test = labels.read_split(cfg.label_dir, cfg.test_split)
+    label_identity = labels.stamp_digest(cfg.label_dir)
+    # After the labels: those are the first thing missing.
+    built = {name: routers.load(spec, routers.Context(switcher_dir=cfg.switcher_dir))
+             for name, spec in cfg.routers.items()}
+    files.write_json(files.path(workdir) / "config.json", config.to_dict())
+    calibration, test = _with_scores(built, calibration), _with_scores(built, test)
+    edge = model_store.load(config.edge.path, "edge", config.runtime)
+    costs = _costs(config, edge, built[cfg.deploy], test)
 
     rate, weight, threshold = _calibrate(cfg, calibration, costs)
     answers = _answers(test, weight)
-    offloaded = test["dmd_switcher"] < threshold
+    offloaded = test[cfg.deploy] < threshold
     correct = np.where(offloaded, answers["cloud_side_correct"], answers["edge_correct"])
     realised = float(offloaded.mean())
     point = {
+        "router": cfg.routers[cfg.deploy], "router_name": cfg.deploy,
+        "router_fingerprint": built[cfg.deploy].fingerprint,
+        "edge_fingerprint": edge.fingerprint, "labels": label_identity,
         "target_offload": rate, "offload_rate": realised, "accuracy": float(correct.mean()),
         "threshold": threshold, "fusion_weight": weight,
-        "gflops_per_clip": costs["edge"] + costs["switcher"] + realised * costs["cloud"],
+        "gflops_per_clip": costs["edge"] + costs["router"] + realised * costs["cloud"],
         "cloud_gflops_per_clip": costs["cloud"], "edge_gflops_per_clip": costs["edge"],
-        "switcher_gflops_per_clip": costs["switcher"],
+        "router_gflops_per_clip": costs["router"],
         "upload_bytes_per_clip": realised * costs["clip_bytes"],
     }
     point["compute_fraction_of_cloud"] = point["gflops_per_clip"] / costs["cloud"]
 
-    priorities = _priorities(test, answers)
-    curves = {name: routing.deferral_curve(priority, answers["edge_correct"],
-                                           answers["cloud_side_correct"])
-              for name, priority in priorities.items()}
+    curves = {name: routing.deferral_curve(-test[name], answers["edge_correct"],
+                                           answers["cloud_side_correct"]) for name in built}
+    curves.update(random=routing.deferral_curve(np.zeros(len(test["id"])),
+                                                answers["edge_correct"],
+                                                answers["cloud_side_correct"]),
+                  oracle=routing.deferral_curve(
+                      routing.oracle_priority(answers["edge_correct"],
+                                              answers["cloud_side_correct"]),
+                      answers["edge_correct"], answers["cloud_side_correct"]))
     edge_accuracy = float(answers["edge_correct"].mean())
     cloud_accuracy = float(answers["cloud_correct"].mean())
-    routers = routing.summarize(curves, edge_accuracy, cloud_accuracy)
-    _compare_with_max_prob(routers, priorities, answers, cfg.bootstrap_resamples, config.seed)
+    summary_routers = routing.summarize(curves, edge_accuracy, cloud_accuracy)
+    for name in cfg.compare_with_max_prob:
+        if cfg.bootstrap_resamples > 0:
+            summary_routers[name]["auc_vs_max_prob"] = routing.auc_difference(
+                -test[name], -test["max_prob"], answers["edge_correct"],
+                answers["cloud_side_correct"], cfg.bootstrap_resamples, config.seed)
     summary = {
         "edge_accuracy": edge_accuracy, "cloud_accuracy": cloud_accuracy,
         "cloud_fused_accuracy": float(answers["cloud_side_correct"].mean()),
-        "routers": routers,
+        "routers": summary_routers, "deployed_router": cfg.deploy,
         "operating_point": point, "num_test_clips": int(len(test["id"])),
         "calibration_split": cfg.calibration_split, "test_split": cfg.test_split,
     }
-    reporting.save_npz(os.path.join(workdir, "predictions.npz"), id=test["id"],
-                       label=test["label"], offloaded=offloaded,
-                       prediction=np.where(offloaded, answers["cloud_side"], answers["edge"]),
-                       edge_prediction=answers["edge"], cloud_prediction=answers["cloud"],
-                       dmd_score=test["dmd_switcher"])
-    reporting.save_npz(os.path.join(workdir, "curves.npz"), rates=routing.OFFLOAD_GRID,
-                       **curves)
-    reporting.write_json(os.path.join(workdir, "operating_point.json"), point)
-    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    files.save_npz(os.path.join(workdir, "predictions.npz"), id=test["id"],
+                   label=test["label"], offloaded=offloaded,
+                   prediction=np.where(offloaded, answers["cloud_side"], answers["edge"]),
+                   edge_prediction=answers["edge"], cloud_prediction=answers["cloud"],
+                   **{f"score_{name}": test[name] for name in built})
+    files.save_npz(os.path.join(workdir, "curves.npz"), rates=routing.OFFLOAD_GRID, **curves)
+    files.write_json(os.path.join(workdir, "operating_point.json"), point)
+    files.write_json(os.path.join(workdir, "summary.json"), summary)
     _plot(os.path.join(workdir, "deferral.png"), curves, costs, summary)
-    reporting.write_atomic(os.path.join(workdir, "report.md"), markdown(summary))
+    files.write_text(os.path.join(workdir, "report.md"), markdown(summary))
     reporting.log(markdown(summary))
     return summary
 
 
-def _load_switchers(cfg: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-    """`dmd_switcher` (and `gt_switcher` where trained): `(module, params)` each."""
-    switchers = {}
-    for router, target in (("dmd_switcher", cfg.switcher_target), ("gt_switcher", "ground_truth")):
-        directory = os.path.join(cfg.switcher_dir, target, "switcher")
-        if router == "gt_switcher" and not os.path.exists(directory):
-            continue  # the ablation is optional
-        module, params, _ = switcher_job.load(directory)
-        switchers[router] = (module, params)
-    return switchers
+def _check_router_names(cfg: ml_collections.ConfigDict) -> None:
+    names = list(cfg.routers)
+    clash = sorted(set(names) & set(REFERENCES))
+    if clash:
+        raise UserError(f"config.hybrid.routers: {clash} are the reference curves' names; "
+                        "name your router otherwise")
+    if cfg.deploy not in names:
+        raise UserError(f"config.hybrid.deploy={cfg.deploy!r} is not one of "
+                        f"config.hybrid.routers ({names})")
+    missing = [n for n in cfg.compare_with_max_prob if n not in names]
+    if missing or (cfg.compare_with_max_prob and "max_prob" not in names):
+        raise UserError(f"config.hybrid.compare_with_max_prob={tuple(cfg.compare_with_max_prob)} "
+                        f"needs those routers and 'max_prob' in config.hybrid.routers ({names})")
 
 
-def _with_scores(switchers: dict[str, tuple[Any, Any]],
+def _with_scores(built: dict[str, routers.Router],
                  data: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """`data` plus each router's P(aligned) per clip."""
-    return {**data, **{router: switcher_job.scores(module, params, data)
-                       for router, (module, params) in switchers.items()}}
+    """`data` plus each router's score per clip (under the router's name)."""
+    return {**data, **{name: router.scores(data["edge_features"], data["edge_logits"])
+                       for name, router in built.items()}}
 
 
-def _costs(config: ml_collections.ConfigDict, data: dict[str, np.ndarray], module,
-           params) -> dict[str, float]:
-    """GFLOPs per clip of each compiled model, and bytes per uploaded clip."""
-    result = {}
-    for role in ("edge", "cloud"):
-        model = model_store.load(config[role].path, role=role)
-        if role == "cloud":  # a zero-shot cloud is prompted with the dataset's classes
-            model = label.zero_shot_for(model, config.cloud.path,
-                                        pipeline.make_builder(config.data))
-        clip = jnp.zeros((1, *model.input_shape), jnp.uint8)
-        result[role] = flops.gflops(
-            lambda v, m=model: m.classify(v)[0], clip)
-        result["clip_bytes"] = float(np.prod(model.input_shape))  # uint8 pixels
-    result["switcher"] = flops.gflops(
-        lambda f, l: module.apply({"params": params}, f, l),
-        jnp.asarray(data["edge_features"][:1]), jnp.asarray(data["edge_logits"][:1]))
-    return result
+def _costs(config: ml_collections.ConfigDict, edge: model_store.LoadedModel,
+           router: routers.Router, data: dict[str, np.ndarray]) -> dict[str, float]:
+    """GFLOPs per clip of each compiled model (lowered on shapes: no weights compiled in),
+    and bytes per uploaded clip."""
+    cloud = model_store.load(config.cloud.path, "cloud", config.runtime,
+                             class_names=edge.class_names)
+    clip = jax.ShapeDtypeStruct((1, *edge.input_shape), jnp.uint8)
+    edge_forward = lambda variables, video: edge.apply(variables, video)[0]
+    features = jax.ShapeDtypeStruct((1, data["edge_features"].shape[1]), jnp.float32)
+    logits = jax.ShapeDtypeStruct((1, data["edge_logits"].shape[1]), jnp.float32)
+    return {"edge": flops.gflops(edge_forward, flops.abstract(edge.variables), clip),
+            "cloud": hybrid.cloud_gflops(cloud),
+            "router": flops.gflops(router.score, flops.abstract(router.params), features, logits),
+            "clip_bytes": float(np.prod(cloud.input_shape))}  # uint8 pixels uploaded
 
 
 def _answers(data: dict[str, np.ndarray], fusion_weight: float) -> dict[str, np.ndarray]:
@@ -136,33 +157,6 @@ def _answers(data: dict[str, np.ndarray], fusion_weight: float) -> dict[str, np.
             "edge_correct": (edge == y).astype(np.float64),
             "cloud_correct": (cloud == y).astype(np.float64),
             "cloud_side_correct": (cloud_side == y).astype(np.float64)}
-
-
-def _priorities(data: dict[str, np.ndarray], answers: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Each router's offload priority per clip: higher goes to the cloud first."""
-    stats = {k: np.asarray(v) for k, v in confidence_stats(jnp.asarray(data["edge_logits"])).items()}
-    priorities = {"dmd_switcher": -data["dmd_switcher"]}
-    if "gt_switcher" in data:
-        priorities["gt_switcher"] = -data["gt_switcher"]
-    priorities.update(
-        max_prob=-stats["max_prob"], entropy=stats["entropy"], margin=-stats["margin"],
-        random=np.zeros(len(data["id"])),
-        oracle=routing.oracle_priority(answers["edge_correct"], answers["cloud_side_correct"]))
-    return priorities
-
-
-LEARNED_ROUTERS = ("dmd_switcher", "gt_switcher")
-
-
-def _compare_with_max_prob(routers: dict[str, dict[str, float]], priorities: dict[str, np.ndarray],
-                           answers: dict[str, np.ndarray], resamples: int, seed: int) -> None:
-    """Adds `auc_vs_max_prob` (difference, 95% paired-bootstrap interval) to the learned
-    routers: whether a switcher beats the edge's own confidence is the question."""
-    for name in LEARNED_ROUTERS:
-        if name in routers and resamples > 0:
-            routers[name]["auc_vs_max_prob"] = routing.auc_difference(
-                priorities[name], priorities["max_prob"], answers["edge_correct"],
-                answers["cloud_side_correct"], resamples, seed)
 
 
 def _gflops_budget(cfg: ml_collections.ConfigDict, costs: dict[str, float]) -> float:
@@ -179,12 +173,12 @@ def _calibrate(cfg: ml_collections.ConfigDict, data: dict[str, np.ndarray],
     max_rate = cfg.target_offload
     budget = _gflops_budget(cfg, costs)
     if budget > 0:
-        spare = budget - costs["edge"] - costs["switcher"]
+        spare = budget - costs["edge"] - costs["router"]
         max_rate = float(np.clip(spare / costs["cloud"], 0.0, 1.0))
     # Fusion: the weight whose cloud-side answer is best on the clips offloaded at max_rate.
     weight = 1.0
     if cfg.fusion:
-        offloaded = data["dmd_switcher"] < routing.threshold_for_rate(data["dmd_switcher"], max_rate)
+        offloaded = data[cfg.deploy] < routing.threshold_for_rate(data[cfg.deploy], max_rate)
         if offloaded.any():
             accuracy = [np.mean(_answers(data, w)["cloud_side_correct"][offloaded])
                         for w in FUSION_GRID]
@@ -192,11 +186,11 @@ def _calibrate(cfg: ml_collections.ConfigDict, data: dict[str, np.ndarray],
     rate = max_rate
     if budget > 0:  # the best calibration accuracy at any rate within budget
         answers = _answers(data, weight)
-        curve = routing.deferral_curve(-data["dmd_switcher"], answers["edge_correct"],
+        curve = routing.deferral_curve(-data[cfg.deploy], answers["edge_correct"],
                                        answers["cloud_side_correct"])
         allowed = routing.OFFLOAD_GRID <= max_rate + 1e-12
         rate = float(routing.OFFLOAD_GRID[allowed][np.argmax(curve[allowed])])
-    return rate, weight, routing.threshold_for_rate(data["dmd_switcher"], rate)
+    return rate, weight, routing.threshold_for_rate(data[cfg.deploy], rate)
 
 
 def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
@@ -204,11 +198,11 @@ def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
     plt = reporting.pyplot()
 
     rates = routing.OFFLOAD_GRID
-    gflops = costs["edge"] + costs["switcher"] + rates * costs["cloud"]
+    gflops = costs["edge"] + costs["router"] + rates * costs["cloud"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for name, curve in curves.items():
         style = {"random": ":", "oracle": "--"}.get(name, "-")
-        width = 2.2 if name == "dmd_switcher" else 1.2
+        width = 2.2 if name == summary["deployed_router"] else 1.2
         axes[0].plot(rates, curve, style, lw=width, label=name)
         axes[1].plot(gflops, curve, style, lw=width, label=name)
     point = summary["operating_point"]
@@ -223,7 +217,7 @@ def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
     axes[1].set_xlabel("GFLOPs per clip")
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    reporting.save_figure(fig, path)
+    files.save_figure(fig, path)
 
 
 def markdown(summary: dict[str, Any]) -> str:
@@ -243,15 +237,16 @@ def markdown(summary: dict[str, Any]) -> str:
                      f"{_num(m['oracle_gap'], '.3f')} |")
     lines += [
         "",
-        f"Operating point (calibrated on {summary['calibration_split']}): target offload "
+        f"Operating point ({summary.get('deployed_router', 'dmd_switcher')}, calibrated on "
+        f"{summary['calibration_split']}): target offload "
         f"{point['target_offload']:.2f}, realised {point['offload_rate']:.3f}; accuracy "
         f"{point['accuracy']:.4f}; {point['gflops_per_clip']:.4f} GFLOPs per clip = "
         f"{point['compute_fraction_of_cloud']:.1%} of the cloud alone "
         f"({point['cloud_gflops_per_clip']:.4f}); fusion weight {point['fusion_weight']:.2f}; "
         f"upload {point['upload_bytes_per_clip']:.0f} bytes per clip.",
     ]
-    for name in LEARNED_ROUTERS:
-        versus = summary["routers"].get(name, {}).get("auc_vs_max_prob")
+    for name in summary["routers"]:
+        versus = summary["routers"][name].get("auc_vs_max_prob")
         if versus:
             lines.append(f"\n{name} AUC − max_prob AUC: {versus['difference']:+.4f} "
                          f"(95% paired bootstrap over the test clips: {versus['ci95_low']:+.4f} "
@@ -259,11 +254,9 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-ROUTERS = ("dmd_switcher", "gt_switcher", "max_prob", "entropy", "margin", "random", "oracle")
-
-
 def _router_rank(name: str) -> int:
-    return ROUTERS.index(name) if name in ROUTERS else len(ROUTERS)
+    """The report's order: every configured router as listed, then the references."""
+    return REFERENCES.index(name) + 1000 if name in REFERENCES else 0
 
 
 def _pct(rate: float | None) -> str:

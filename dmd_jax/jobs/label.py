@@ -2,25 +2,18 @@
 
 Edge and cloud run over whole splits (the unlabelled pool the switcher learns from, and
 the calibration and test splits the hybrid system is evaluated on), sharded over every
-device and host. Per clip it stores the id, the edge's pooled features and logits, the
-cloud's logits and the switcher targets of METHODS.md §1:
+device and host, and each clip's edge features and logits, cloud logits and switcher
+targets are written in the label format of `dmd_jax.data.labels`. The models' weights
+are arguments of the compiled step, not constants baked into it.
 
-- `hard`: 1 if edge and cloud predict the same class (no human label used);
-- `soft`: the cloud's probability of the edge's class (no human label used);
-- `ground_truth`: 1 if the edge is right (ablation only; -1 where a clip has no label).
-
-Output: `WORKDIR/<split>/chunk_NNNNN.npz`, each holding a fixed range of clips and
-written atomically. A killed run started again skips the chunks on disk and recomputes
-only the missing ones, so no clip is lost or written twice. `read_split` gives a split
-back as one dict of arrays.
+Chunks are written atomically, each holding a fixed range of clips: a killed run started
+again skips the chunks on disk and recomputes only the missing or damaged ones, so no clip
+is lost or written twice. The workdir's stamp records the models (fingerprints), the data
+and the settings; labels made with others are never reused.
 """
 
 from __future__ import annotations
 
-import functools
-import glob
-import json
-import os
 import time
 from typing import Any
 
@@ -29,102 +22,70 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmd_jax import model_store, parallel, reporting
-from dmd_jax.data import pipeline
+from dmd_jax import config_utils, files, model_store, parallel, reporting, stamps
+from dmd_jax.data import labels, pipeline
 from dmd_jax.errors import UserError
 
-
-class LabelsNotFoundError(UserError, FileNotFoundError):
-    """A split the switcher or the hybrid evaluation needs has not been labelled."""
+SECTIONS = ("data", "edge", "cloud", "label", "runtime")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    reporting.ensure_workdir(workdir)
-    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    config_utils.check_sections(config, "label", SECTIONS)
+    files.ensure_workdir(workdir)
     cfg = config.label
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_global_batch(cfg.batch_size, mesh)
     if cfg.chunk_size % cfg.batch_size:
-        raise ValueError(f"config.label.chunk_size={cfg.chunk_size} must be a multiple of "
-                         f"config.label.batch_size={cfg.batch_size}")
+        raise UserError(f"config.label.chunk_size={cfg.chunk_size} must be a multiple of "
+                        f"config.label.batch_size={cfg.batch_size}")
 
-    edge = model_store.load(config.edge.path, role="edge")
-    cloud = model_store.load(config.cloud.path, role="cloud")
     builder = pipeline.prepare(config.data)
-    cloud = zero_shot_for(cloud, config.cloud.path, builder)
-    _check_same_models(workdir, edge, cloud, config.data)
-    infer = jax.jit(functools.partial(_edge_and_cloud, edge, cloud),
-                    in_shardings=parallel.batch_sharded(mesh),
-                    out_shardings=parallel.batch_sharded(mesh))
+    names = tuple(builder.info.features["label"].names)
+    edge = model_store.load(config.edge.path, "edge", config.runtime, class_names=names)
+    cloud = model_store.load(config.cloud.path, "cloud", config.runtime, class_names=names)
+    stamp = stamps.make(
+        {"data": pipeline.dataset_identity(builder, config.data),
+         "chunk_size": cfg.chunk_size, "runtime": config.runtime},
+        {"edge": edge.fingerprint, "cloud": cloud.fingerprint})
+    stamps.claim(workdir, stamp, "labels", config.get("overwrite", False),
+                 has_results=any(labels.chunk_paths(workdir, s) for s in cfg.splits),
+                 clear=lambda: [files.remove_tree(files.path(workdir) / s) for s in cfg.splits])
+    files.write_json(files.path(workdir) / "config.json", config.to_dict())
+
+    replicated, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+    infer = jax.jit(lambda ev, cv, video: edge_and_cloud(edge, cloud, ev, cv, video),
+                    in_shardings=(replicated, replicated, batch), out_shardings=batch)
+    weights = parallel.put_replicated((edge.variables, cloud.variables), mesh)
+    step = lambda video: infer(*weights, video)
 
     summary: dict[str, Any] = {"splits": {}, "devices": parallel.describe()}
     for split_name in cfg.splits:
         split = pipeline.open_split(builder, config.data, split_name)
-        _check_classes(split, edge, cloud)
-        stats = _label_split(infer, split, cfg, mesh, os.path.join(workdir, split_name))
-        summary["splits"][split_name] = stats
+        summary["splits"][split_name] = _label_split(step, split, cfg, mesh, workdir)
     main = summary["splits"].get(cfg.switcher_split) or next(iter(summary["splits"].values()))
     summary.update(num_labelled=main["num_clips"], agreement_rate=main["agreement_rate"])
-    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    files.write_json(files.path(workdir) / "summary.json", summary)
     return summary
 
 
-def zero_shot_for(model: model_store.LoadedModel, directory: str,
-                  builder) -> model_store.LoadedModel:
-    """A zero-shot cloud (X-CLIP) answers over the dataset's own class names."""
-    names = tuple(builder.info.features["label"].names)
-    if model.model_config.name != "xclip" or model.class_names == names:
-        return model
-    from dmd_jax import convert  # only zero-shot clouds need the text tower's tools
-
-    reporting.log(f"[label] zero-shot cloud: prompting it with the dataset's {len(names)} "
-                  "class names")
-    return convert.with_classes(model, names, directory)
-
-
-def _check_same_models(workdir: str, edge: model_store.LoadedModel,
-                       cloud: model_store.LoadedModel, data: ml_collections.ConfigDict) -> None:
-    """Labels already in `workdir` are only reused if the same models and data made them."""
-    made_by = {"edge": reporting.fingerprint(edge.variables),
-               "cloud": reporting.fingerprint(cloud.variables),
-               "data": {k: data[k] for k in ("name", "seed", "frames", "size", "root")}}
-    path = os.path.join(workdir, "labelled_with.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
-        if previous != json.loads(json.dumps(made_by)):
-            raise UserError(
-                f"the labels in {workdir!r} were made with other models or data ({path}); "
-                "use a fresh --workdir, or delete that directory to relabel")
-    reporting.write_json(path, made_by)
-
-
-def _edge_and_cloud(edge: model_store.LoadedModel, cloud: model_store.LoadedModel,
-                    video: jnp.ndarray) -> dict[str, jnp.ndarray]:
-    edge_logits, edge_features = edge.classify(video)
-    cloud_logits, _ = cloud.classify(video)
+def edge_and_cloud(edge: model_store.LoadedModel, cloud: model_store.LoadedModel,
+                   edge_variables: Any, cloud_variables: Any,
+                   video: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """The label step: both models on one batch of uint8 clips."""
+    edge_logits, edge_features = edge.apply(edge_variables, video)
+    cloud_logits, _ = cloud.apply(cloud_variables, video)
     return {"edge_logits": edge_logits.astype(jnp.float32),
             "edge_features": edge_features.astype(jnp.float32),
             "cloud_logits": cloud_logits.astype(jnp.float32)}
 
 
-def _check_classes(split: pipeline.Split, edge: model_store.LoadedModel,
-                   cloud: model_store.LoadedModel) -> None:
-    for role, model in (("edge", edge), ("cloud", cloud)):
-        if model.class_names != split.class_names:
-            raise UserError(
-                f"the {role} model ({model.source}) predicts classes {model.class_names[:4]}... "
-                f"but split {split.name!r} has {split.class_names[:4]}...; train or convert the "
-                f"{role} for this dataset's classes")
-
-
 def _label_split(infer, split: pipeline.Split, cfg: ml_collections.ConfigDict, mesh,
-                 out_dir: str) -> dict[str, Any]:
+                 workdir: str) -> dict[str, Any]:
     """Labels every chunk of `split` not yet on disk; returns the split's statistics."""
-    if parallel.is_main_process():
-        os.makedirs(out_dir, exist_ok=True)
     chunks = range(0, len(split), cfg.chunk_size)
-    done = np.array([_chunk_done(out_dir, start, len(split), cfg) for start in chunks])
+    done = np.array([labels.chunk_done(workdir, split.name, start,
+                                       min(start + cfg.chunk_size, len(split)))
+                     for start in chunks])
     done = parallel.broadcast_from_main(done)  # every host must run the same batches
     todo = [start for start, d in zip(chunks, done) if not d]
     if len(todo) < len(chunks):
@@ -143,17 +104,19 @@ def _label_split(infer, split: pipeline.Split, cfg: ml_collections.ConfigDict, m
             parts.append({**{k: v[keep] for k, v in outputs.items()},
                           "label": host["label"][keep], "id": host["id"][keep]})
         chunk = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        reporting.save_npz(_chunk_path(out_dir, start), **chunk, **targets(chunk))
+        files.save_npz(labels.chunk_path(workdir, split.name, start), **chunk,
+                       **labels.targets(chunk))
         done_clips += stop - start
         rate = done_clips / (time.perf_counter() - t0)
         reporting.log(f"[label] {split.name}: clips {stop}/{len(split)}  {rate:.0f} clips/s  "
                       f"ETA {_eta(len(split) - stop, rate)}")
-    labels = read_split(os.path.dirname(out_dir), split.name)
+    parallel.barrier("chunks written")  # the main host wrote them; every host reads them
+    labelled = labels.read_split(workdir, split.name)
     stats = {
-        "num_clips": int(len(labels["id"])),
-        "agreement_rate": float(labels["hard"].mean()),
-        "edge_accuracy": _accuracy(labels["edge_logits"], labels["label"]),
-        "cloud_accuracy": _accuracy(labels["cloud_logits"], labels["label"]),
+        "num_clips": int(len(labelled["id"])),
+        "agreement_rate": float(labelled["hard"].mean()),
+        "edge_accuracy": _accuracy(labelled["edge_logits"], labelled["label"]),
+        "cloud_accuracy": _accuracy(labelled["cloud_logits"], labelled["label"]),
         "clips_per_sec": float(done_clips / (time.perf_counter() - t0)) if done_clips else None,
     }
     reporting.log(f"[label] {split.name}: {stats['num_clips']} clips, agreement "
@@ -162,56 +125,11 @@ def _label_split(infer, split: pipeline.Split, cfg: ml_collections.ConfigDict, m
     return stats
 
 
-def targets(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The switcher targets of METHODS.md §1 from edge and cloud logits (and labels)."""
-    edge_class = outputs["edge_logits"].argmax(-1)
-    cloud_probs = jax.nn.softmax(jnp.asarray(outputs["cloud_logits"]), axis=-1)
-    soft = np.take_along_axis(np.asarray(cloud_probs), edge_class[:, None], axis=-1)[:, 0]
-    labelled = outputs["label"] >= 0
-    return {
-        "hard": (edge_class == outputs["cloud_logits"].argmax(-1)).astype(np.float32),
-        "soft": soft.astype(np.float32),
-        "ground_truth": np.where(labelled, edge_class == outputs["label"], -1).astype(np.float32),
-    }
-
-
-def read_split(label_dir: str, split: str) -> dict[str, np.ndarray]:
-    """All labelled clips of `split`, in id order; fails clearly if any chunk is missing."""
-    paths = sorted(glob.glob(os.path.join(label_dir, split, "chunk_*.npz")))
-    if not paths:
-        raise LabelsNotFoundError(
-            f"no labels for split {split!r} in {label_dir!r}: run the label job with "
-            f"--workdir={label_dir} (and '{split}' in config.label.splits) first")
-    chunks = [dict(np.load(p)) for p in paths]
-    out = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-    if not np.array_equal(out["id"], np.arange(len(out["id"]))):
-        raise LabelsNotFoundError(
-            f"labels of split {split!r} in {label_dir!r} are incomplete (a chunk is missing): "
-            "run the label job on that workdir again to finish them")
-    return out
-
-
-def _chunk_path(out_dir: str, start: int) -> str:
-    return os.path.join(out_dir, f"chunk_{start:08d}.npz")
-
-
-def _chunk_done(out_dir: str, start: int, num_clips: int, cfg: ml_collections.ConfigDict) -> bool:
-    """A chunk counts only if it is readable and holds exactly its clips."""
-    path = _chunk_path(out_dir, start)
-    if not os.path.exists(path):
-        return False
-    try:
-        ids = np.load(path)["id"]
-    except Exception:  # noqa: BLE001 - unreadable: recompute it
-        return False
-    return np.array_equal(ids, np.arange(start, min(start + cfg.chunk_size, num_clips)))
-
-
-def _accuracy(logits: np.ndarray, labels: np.ndarray) -> float | None:
-    labelled = labels >= 0
+def _accuracy(logits: np.ndarray, truth: np.ndarray) -> float | None:
+    labelled = truth >= 0
     if not labelled.any():
         return None
-    return float(np.mean(logits[labelled].argmax(-1) == labels[labelled]))
+    return float(np.mean(logits[labelled].argmax(-1) == truth[labelled]))
 
 
 def _eta(remaining: int, rate: float) -> str:

@@ -3,8 +3,9 @@
     edge -> teacher -> label -> switcher -> hybrid -> adapt     (config.stage_order)
 
 Each stage runs its own job on its own config (`config.stages.<name>`) in
-`WORKDIR/<name>/`, with the shared `data`, `seed` and `num_devices`, and with its inputs
-pointed at the earlier stages' outputs. Every job resumes, so the pipeline does too:
+`WORKDIR/<name>/`, with the shared `data` and `runtime` (for the jobs that read them),
+`seed`, `num_devices` and `overwrite`, and with its inputs pointed at the earlier stages'
+outputs. Every job resumes, so the pipeline does too:
 started again after a kill, finished stages only re-check their results and the
 interrupted stage continues where it stopped. `WORKDIR/summary.json` gathers each
 stage's headline figures.
@@ -12,44 +13,46 @@ stage's headline figures.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
 
 import ml_collections
 
-from dmd_jax import parallel, reporting
-from dmd_jax.jobs import adapt, hybrid, label, switcher, train
+from dmd_jax import config_utils, files, jobs, parallel, reporting
 
-JOBS = {"train": train.run, "label": label.run, "train_switcher": switcher.run,
-        "evaluate_hybrid": hybrid.run, "adapt": adapt.run}
+SECTIONS = ("data", "runtime", "stage_order", "stages")
+SHARED = ("data", "runtime")  # given to every stage whose job reads them
 HEADLINES = ("eval_accuracy", "steps", "examples_per_sec", "param_fingerprint", "num_labelled",
              "agreement_rate", "switcher_auroc", "edge_accuracy", "cloud_accuracy",
              "operating_point", "mpc", "upload")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    reporting.ensure_workdir(workdir)
-    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    config_utils.check_sections(config, "pipeline", SECTIONS)
     missing = [name for name in config.stage_order if name not in config.stages]
-    if missing:
-        raise ValueError(f"config.stage_order names stages {missing} that config.stages lacks; "
-                         f"it has {sorted(config.stages)}")
+    unused = sorted(set(config.stages) - set(config.stage_order))
+    if missing or unused:
+        raise config_utils.ConfigSectionError(
+            f"config.stage_order {tuple(config.stage_order)} and config.stages "
+            f"{sorted(config.stages)} must name the same stages (missing: {missing}, "
+            f"never run: {unused})")
+    staged = {name: stage_config(config, name, workdir) for name in config.stage_order}
+    files.ensure_workdir(workdir)  # after every stage's config is checked
+    files.write_json(files.path(workdir) / "config.json", config.to_dict())
     summary: dict[str, Any] = {"stages": {}}
-    for name in config.stage_order:
-        stage = stage_config(config, name, workdir)
+    for name, stage in staged.items():
         reporting.log(f"[pipeline] stage {name}: job {stage.job} in {workdir}/{name}")
         start = time.perf_counter()
-        result = JOBS[stage.job](stage, os.path.join(workdir, name))
+        result = jobs.module(stage.job).run(stage, os.path.join(workdir, name))
         summary["stages"][name] = {k: result[k] for k in HEADLINES if k in result}
         summary["stages"][name]["seconds"] = time.perf_counter() - start
     if "hybrid" in summary["stages"]:
         summary.update(summary["stages"]["hybrid"])
     summary["devices"] = parallel.describe()
-    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    files.write_json(files.path(workdir) / "summary.json", summary)
     if parallel.is_main_process():
-        reporting.write_atomic(os.path.join(workdir, "REPORT.md"), report(summary, workdir))
+        files.write_text(files.path(workdir) / "REPORT.md", report(summary, workdir))
     reporting.log(f"[pipeline] done: {os.path.join(workdir, 'REPORT.md')}")
     return summary
 
@@ -66,8 +69,7 @@ def report(summary: dict[str, Any], workdir: str) -> str:
         lines.append(f"| {name} | {headline} | {stage['seconds']:.0f} |")
     hybrid_dir = os.path.join(workdir, "hybrid")
     if "hybrid" in summary["stages"]:
-        with open(os.path.join(hybrid_dir, "summary.json")) as f:
-            result = json.load(f)
+        result = files.read_json(os.path.join(hybrid_dir, "summary.json"))
         point = result["operating_point"]
         lines += ["", "## Edge, cloud and the hybrid system (test split)", "",
                   "| system | accuracy | GFLOPs per clip | offload rate |", "|---|---|---|---|",
@@ -77,13 +79,12 @@ def report(summary: dict[str, Any], workdir: str) -> str:
                   f"{point['cloud_gflops_per_clip']:.4f} | 1 |",
                   f"| hybrid (DMD switcher) | {point['accuracy']:.4f} | "
                   f"{point['gflops_per_clip']:.4f} | {point['offload_rate']:.3f} |",
-                  "", "## Routers", "", hybrid.markdown(result),
+                  "", "## Routers", "", jobs.module("evaluate_hybrid").markdown(result),
                   "![deferral curves](hybrid/deferral.png)", ""]
     if "adapt" in summary["stages"]:
-        with open(os.path.join(workdir, "adapt", "summary.json")) as f:
-            result = json.load(f)
+        result = files.read_json(os.path.join(workdir, "adapt", "summary.json"))
         lines += ["## Online adaptation under corruptions (edge adapted; CEMA's cloud is the "
-                  "teacher)", "", *adapt.headline_table(result), "",
+                  "teacher)", "", *jobs.module("adapt").headline_table(result), "",
                   "Per corruption: `adapt/report.md`.",
                   "![accuracy vs upload](adapt/accuracy_vs_upload.png)", ""]
     return "\n".join(lines)
@@ -95,18 +96,28 @@ def _short(value: Any) -> str:
 
 def stage_config(config: ml_collections.ConfigDict, name: str,
                  workdir: str) -> ml_collections.ConfigDict:
-    """`config.stages[name]` with the shared settings and the earlier stages' paths."""
+    """`config.stages[name]` with the shared settings and the earlier stages' paths,
+    checked against the sections its job reads."""
     stage = ml_collections.ConfigDict(config.stages[name].to_dict())
-    # Shared data; a stage may change its clip shape (`stages.edge.data.frames=13`).
-    overrides = stage.data.to_dict() if "data" in stage else {}
-    stage.data = ml_collections.ConfigDict({**config.data.to_dict(), **overrides})
-    stage.seed, stage.num_devices = config.seed, config.num_devices
-    if stage.job not in JOBS:
-        raise ValueError(f"config.stages.{name}.job={stage.job!r} is not a job; available: "
-                         f"{sorted(JOBS)}")
-    stage.edge.path = os.path.join(workdir, "edge", "model")
-    if "teacher" in config.stage_order:  # else the config's cloud (e.g. zero-shot X-CLIP)
+    if stage.get("job") not in jobs.JOBS or stage.job == "pipeline":
+        raise config_utils.ConfigSectionError(
+            f"config.stages.{name}.job={stage.get('job')!r} is not a stage's job; available: "
+            f"{sorted(j for j in jobs.JOBS if j != 'pipeline')}")
+    sections = jobs.module(stage.job).SECTIONS
+    for shared in SHARED:
+        if shared in sections:  # a stage may change part of it (`stages.edge.data.frames`)
+            own = stage[shared].to_dict() if shared in stage else {}
+            stage[shared] = ml_collections.ConfigDict({**config[shared].to_dict(), **own})
+    for key in ("seed", "num_devices", "overwrite"):
+        stage[key] = config.get(key, False if key == "overwrite" else 0)
+    config_utils.check_sections(stage, stage.job, sections, where=f"config.stages.{name}")
+    if "edge" in stage:
+        stage.edge.path = os.path.join(workdir, "edge", "model")
+    if "cloud" in stage and "teacher" in config.stage_order:  # else the config's own cloud
         stage.cloud.path = os.path.join(workdir, "teacher", "model")
-    stage.switcher.label_dir = stage.hybrid.label_dir = os.path.join(workdir, "label")
-    stage.hybrid.switcher_dir = os.path.join(workdir, "switcher")
+    if "switcher" in stage:
+        stage.switcher.label_dir = os.path.join(workdir, "label")
+    if "hybrid" in stage:
+        stage.hybrid.label_dir = os.path.join(workdir, "label")
+        stage.hybrid.switcher_dir = os.path.join(workdir, "switcher")
     return stage

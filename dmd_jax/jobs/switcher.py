@@ -2,18 +2,19 @@
 
 For each target in `config.switcher.targets` (the first is the switcher the hybrid system
 uses, `hard` by default; `ground_truth` trains the ablation router) it trains a
-`models.switcher.Switcher` on the labelled pool with binary cross-entropy (optionally
+`routers.switcher.Switcher` on the labelled pool with binary cross-entropy (optionally
 class-balanced), one jitted step over the `data` mesh like the `train` job, checkpoints
 and resume included, then scores the held-out split. Output per target:
-`WORKDIR/<target>/` with `checkpoints/`, the final `switcher/` export and
-`predictions.npz`; top-level `summary.json` with `switcher_auroc` (of the first target:
-how well `P(aligned)` ranks the held-out clips by that target).
+`WORKDIR/<target>/` with its `stamp.json` (the settings and the labels it learnt from:
+a rerun with others stops), `checkpoints/`, the final `switcher/` export (which the
+`switcher:<target>` router loads) and `predictions.npz`; top-level `summary.json` with
+`switcher_auroc` (of the first target: how well `P(aligned)` ranks the held-out clips by
+that target).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -23,17 +24,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from clu import metrics
-from etils import epath
 
-from dmd_jax import checkpoint, parallel, reporting, routing
-from dmd_jax.data import pipeline
-from dmd_jax.errors import UserError
-from dmd_jax.jobs import label, train
-from dmd_jax.models.switcher import Switcher
+from dmd_jax import checkpoint, config_utils, files, parallel, reporting, routing, stamps
+from dmd_jax.data import labels, pipeline
+from dmd_jax.errors import NonFiniteLossError, UserError
+from dmd_jax.routers import switcher as switcher_lib
+from dmd_jax.routers.switcher import Switcher
 
-TARGETS = ("hard", "soft", "ground_truth")
+SECTIONS = ("switcher",)
+# Switcher settings that change what is logged or kept, or where it comes from.
+_BOOKKEEPING = ("log_every", "checkpoint_every", "label_dir", "eval_split", "targets")
 
 
 @flax.struct.dataclass
@@ -49,17 +50,19 @@ SwitcherMetrics = metrics.Collection.create(
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    reporting.ensure_workdir(workdir)
-    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    config_utils.check_sections(config, "train_switcher", SECTIONS)
+    files.ensure_workdir(workdir)
     cfg = config.switcher
-    unknown = [t for t in cfg.targets if t not in TARGETS]
+    unknown = [t for t in cfg.targets if t not in labels.TARGETS]
     if unknown or not cfg.targets:
-        raise ValueError(f"config.switcher.targets={tuple(cfg.targets)}: each must be one of "
-                         f"{TARGETS}")
+        raise UserError(f"config.switcher.targets={tuple(cfg.targets)}: each must be one of "
+                        f"{labels.TARGETS}")
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_global_batch(cfg.batch_size, mesh)
-    train_data = label.read_split(cfg.label_dir, cfg.train_split)
-    eval_data = label.read_split(cfg.label_dir, cfg.eval_split)
+    train_data = labels.read_split(cfg.label_dir, cfg.train_split)
+    eval_data = labels.read_split(cfg.label_dir, cfg.eval_split)
+    label_identity = labels.stamp_digest(cfg.label_dir)
+    files.write_json(files.path(workdir) / "config.json", config.to_dict())
 
     summary: dict[str, Any] = {"targets": {}, "train_split": cfg.train_split,
                                "eval_split": cfg.eval_split}
@@ -68,12 +71,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             raise UserError(f"target 'ground_truth' needs labels, but split "
                             f"{cfg.train_split!r} has unlabelled clips; drop it from "
                             "config.switcher.targets")
-        summary["targets"][target] = _train_one(
-            config, target, train_data, eval_data, mesh, os.path.join(workdir, target))
+        out_dir = os.path.join(workdir, target)
+        stamp = stamps.make({"switcher": {k: v for k, v in cfg.items() if k not in _BOOKKEEPING},
+                             "seed": config.seed, "target": target},
+                            {"labels": label_identity})
+        ckpt_dir = files.path(out_dir) / "checkpoints"
+        stamps.claim(out_dir, stamp, f"{target!r} switcher", config.get("overwrite", False),
+                     has_results=ckpt_dir.exists() and any(ckpt_dir.iterdir()),
+                     clear=lambda d=out_dir: _clear(d))
+        summary["targets"][target] = _train_one(config, target, train_data, eval_data, mesh,
+                                                out_dir, stamp)
     first = summary["targets"][cfg.targets[0]]
     summary.update(switcher_auroc=first["auroc"], target=cfg.targets[0])
-    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    files.write_json(files.path(workdir) / "summary.json", summary)
     return summary
+
+
+def _clear(out_dir: str) -> None:
+    for name in ("checkpoints", "switcher"):
+        files.remove_tree(files.path(out_dir) / name)
+    files.remove(files.path(out_dir) / "predictions.npz")
 
 
 def build(cfg: ml_collections.ConfigDict) -> Switcher:
@@ -110,15 +127,13 @@ def scores(model: Switcher, params: Any, data: dict[str, np.ndarray]) -> np.ndar
     return np.asarray(_probability(model, params, data["edge_features"], data["edge_logits"]))
 
 
-@functools.partial(jax.jit, static_argnums=0)  # one compilation per switcher shape, reused
-def _probability(model: Switcher, params: Any, features: jnp.ndarray,
-                 edge_logits: jnp.ndarray) -> jnp.ndarray:
-    return jax.nn.sigmoid(model.apply({"params": params}, features, edge_logits))
+# One compilation per switcher shape, reused.
+_probability = jax.jit(switcher_lib.probability, static_argnums=0)
 
 
-def _train_one(config, target: str, train_data, eval_data, mesh, out_dir: str) -> dict[str, Any]:
+def _train_one(config, target: str, train_data, eval_data, mesh, out_dir: str,
+               stamp: dict[str, Any]) -> dict[str, Any]:
     cfg = config.switcher
-    reporting.ensure_workdir(out_dir)
     model, tx = build(cfg), make_optimizer(cfg)
     features, logits = train_data["edge_features"], train_data["edge_logits"]
     repl = parallel.replicated(mesh)
@@ -165,7 +180,7 @@ def _train_one(config, target: str, train_data, eval_data, mesh, out_dir: str) -
             values = {k: float(v) for k, v in window.compute().items()}
             window = None
             if not np.isfinite(values["loss"]):
-                raise train.NonFiniteLossError(
+                raise NonFiniteLossError(
                     f"switcher loss became {values['loss']} by step {step}; lower "
                     f"config.switcher.learning_rate (now {cfg.learning_rate})")
             held_out = routing.auroc(scores(model, state.params, eval_data),
@@ -179,9 +194,9 @@ def _train_one(config, target: str, train_data, eval_data, mesh, out_dir: str) -
     ckpt.close()
     writer.close()
 
-    save(os.path.join(out_dir, "switcher"), cfg, target, state.params)
+    switcher_lib.save(os.path.join(out_dir, "switcher"), model, target, state.params, stamp)
     held_out = scores(model, state.params, eval_data)
-    reporting.save_npz(os.path.join(out_dir, "predictions.npz"), score=held_out,
+    files.save_npz(os.path.join(out_dir, "predictions.npz"), score=held_out,
                        id=eval_data["id"], target=eval_data[target])
     result = {
         "auroc": routing.auroc(held_out, eval_data[target] > 0.5),
@@ -192,35 +207,3 @@ def _train_one(config, target: str, train_data, eval_data, mesh, out_dir: str) -
     reporting.log(f"[switcher:{target}] {cfg.eval_split} AUROC {result['auroc']:.4f} "
                   f"(vs edge correctness {result['auroc_edge_correct']:.4f})")
     return result
-
-
-def save(directory: str, cfg: ml_collections.ConfigDict, target: str, params: Any) -> None:
-    """The trained switcher: params (orbax) + the settings that rebuild it (JSON, last)."""
-    info_path = os.path.join(directory, "switcher.json")
-    if parallel.is_main_process() and os.path.exists(info_path):
-        os.remove(info_path)
-    checkpoint.save_tree(os.path.join(directory, "params"), params)
-    reporting.write_json(info_path, {
-        "hidden": list(cfg.hidden), "dropout_rate": cfg.dropout_rate, "target": target,
-        "feature_dim": int(params["feature_norm"]["scale"].shape[0])})
-
-
-def load(directory: str) -> tuple[Switcher, Any, str]:
-    """`(module, params, target)` of a switcher saved by `save`."""
-    info_path = os.path.join(directory, "switcher.json")
-    if not os.path.exists(info_path):
-        raise UserError(f"no trained switcher in {directory!r} (switcher.json missing): run "
-                        "the train_switcher job first and point config.hybrid.switcher_dir at "
-                        "its workdir")
-    with open(info_path) as f:
-        info = json.load(f)
-    model = Switcher(hidden=tuple(info["hidden"]), dropout_rate=info["dropout_rate"])
-    path = os.path.join(directory, "params")
-    if "feature_dim" in info:  # onto this job's devices, whatever topology saved it
-        abstract = jax.eval_shape(model.init, jax.random.key(0),
-                                  jnp.zeros((1, info["feature_dim"])), jnp.zeros((1, 2)))
-        params = checkpoint.restore_everywhere(path, abstract["params"])
-    else:  # saved before feature_dim was recorded: as it was saved (same topology only)
-        with ocp.StandardCheckpointer() as restorer:
-            params = restorer.restore(epath.Path(path).absolute())
-    return model, params, info["target"]

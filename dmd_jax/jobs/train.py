@@ -6,16 +6,20 @@ over the whole global batch. The step's randomness is `fold_in(seed, step)` and 
 data is a pure function of the step (see `data.pipeline`), so a run resumed from any
 checkpoint finishes bit-identical to one that never stopped.
 
-Writes to the workdir: `checkpoints/`, the final model in `model/` (the format every
-job loads, see `model_store`), TensorBoard events, `config.json`, `parameters.txt`,
-`predictions.npz` (per-clip logits on the eval split) and `summary.json`
-(`eval_accuracy`, `steps`, `examples_per_sec`, `param_fingerprint`).
+The architecture is `config.model`, or the model directory `train.init_from` fine-tunes
+(then `config.model` may only repeat its fields: a field that differs is an error, not a
+silent second preset). How it runs (dtype, kernels) is `config.runtime`.
+
+Writes to the workdir: `stamp.json` (what the results there are made from: a rerun with
+other settings stops, see `stamps`), `checkpoints/`, the final model in `model/` (the
+format every job loads, see `model_store`), TensorBoard events, `config.json`,
+`parameters.txt`, `predictions.npz` (per-clip logits on the eval split) and
+`summary.json` (`eval_accuracy`, `steps`, `examples_per_sec`, `param_fingerprint`).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -28,13 +32,19 @@ import numpy as np
 import optax
 from clu import metrics
 
-from dmd_jax import checkpoint, model_store, models, parallel, reporting
+from dmd_jax import (checkpoint, config_utils, files, model_store, models, parallel,
+                     reporting, stamps)
 from dmd_jax.data import pipeline
-from dmd_jax.errors import UserError
+from dmd_jax.errors import NonFiniteLossError, UserError
+
+SECTIONS = ("data", "model", "train", "runtime")
+# Train settings that change what is logged or kept, not the trained model.
+_BOOKKEEPING = ("log_every", "eval_every", "eval_split", "eval_batch_size",
+                "checkpoint_every", "keep_checkpoints", "init_from")
 
 
-class NonFiniteLossError(UserError, FloatingPointError):
-    """Training diverged; raised before the diverged state could be checkpointed."""
+class ModelConflictError(UserError, ValueError):
+    """`config.model` contradicts the model that `train.init_from` fine-tunes."""
 
 
 @flax.struct.dataclass
@@ -166,8 +176,8 @@ def evaluate(eval_fn, state: TrainState, split: pipeline.Split, batch_size: int,
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    reporting.ensure_workdir(workdir)
-    reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+    config_utils.check_sections(config, "train", SECTIONS)
+    files.ensure_workdir(workdir)
     cfg = config.train
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_global_batch(cfg.batch_size, mesh)
@@ -176,13 +186,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     builder = pipeline.prepare(config.data)
     train_split = pipeline.open_split(builder, config.data, cfg.get("split", "train"))
     eval_split = pipeline.open_split(builder, config.data, cfg.eval_split)
-    model_config, pretrained = config.model, None
-    if cfg.init_from:  # fine-tune an exported or converted model: its architecture comes along
-        pretrained = model_store.load(cfg.init_from, role="initialisation (train.init_from)")
-        model_config = pretrained.model_config
-    model = models.build(model_config, train_split.num_classes)
+    model_config, pretrained = architecture(config)
+    model = models.build(model_config, train_split.num_classes, config.runtime)
     tx = make_optimizer(cfg)
     clip_shape = (config.data.frames, config.data.size, config.data.size, 3)
+    stamp = stamps.make(
+        {"model": models.architecture(model_config),
+         "train": {k: v for k, v in cfg.items() if k not in _BOOKKEEPING},
+         "runtime": config.runtime, "seed": config.seed,
+         "data": pipeline.dataset_identity(builder, config.data)},
+        {"init_from": pretrained.fingerprint} if pretrained else {})
+    ckpt_dir = files.path(workdir) / "checkpoints"
+    stamps.claim(workdir, stamp, "training results", config.get("overwrite", False),
+                 has_results=ckpt_dir.exists() and any(ckpt_dir.iterdir()),
+                 clear=lambda: _clear(workdir))
+    files.write_json(files.path(workdir) / "config.json", config.to_dict())
 
     repl = parallel.replicated(mesh)
     state = jax.jit(functools.partial(init_state, model, tx, clip_shape, config.seed),
@@ -198,8 +216,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                   f"{train_split.num_classes} classes")
 
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), cfg.keep_checkpoints)
-    data_meta = {"data_seed": config.data.seed + config.seed, "batch_size": cfg.batch_size}
-    state, start_step = _maybe_resume(ckpt, state, data_meta)
+    data_seed = config.data.seed + config.seed
+    state, start_step = _maybe_resume(ckpt, state)
 
     step_fn = jax.jit(
         functools.partial(train_step, model=model, tx=tx, label_smoothing=cfg.label_smoothing,
@@ -214,7 +232,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer = reporting.MetricWriter(workdir)
     progress = reporting.Progress(cfg.steps, start_step, cfg.batch_size)
     batches = pipeline.prefetch(pipeline.train_batches(
-        train_split, cfg.batch_size, start_step, data_meta["data_seed"],
+        train_split, cfg.batch_size, start_step, data_seed,
         parallel.host_slice(cfg.batch_size)))
     compile_seconds, window = None, None
     for step in range(start_step + 1, cfg.steps + 1):
@@ -240,14 +258,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             reporting.log(f"[eval] step {step}  {cfg.eval_split} accuracy {accuracy:.4f}")
             progress.restart_clock(step)  # throughput counts training steps only
         if step % cfg.checkpoint_every == 0 or is_last:
-            ckpt.save(step, state, {**data_meta, "examples_seen": step * cfg.batch_size})
+            ckpt.save(step, state, {"examples_seen": step * cfg.batch_size})
     ckpt.wait()
 
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     model_store.save(os.path.join(workdir, "model"), model_config, train_split.class_names,
                      variables, clip_shape, source=f"dmd_jax train job, step {cfg.steps}")
     predictions = evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh)
-    reporting.save_npz(os.path.join(workdir, "predictions.npz"), **predictions)
+    files.save_npz(os.path.join(workdir, "predictions.npz"), **predictions)
     summary = {
         "eval_accuracy": _accuracy(predictions),
         "eval_split": cfg.eval_split,
@@ -265,25 +283,51 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     writer.scalars(cfg.steps, {f"eval/{cfg.eval_split}_accuracy": summary["eval_accuracy"]})
     writer.close()
     ckpt.close()
-    reporting.write_json(os.path.join(workdir, "summary.json"), summary)
+    files.write_json(os.path.join(workdir, "summary.json"), summary)
     reporting.log(f"[train] done: {cfg.eval_split} accuracy {summary['eval_accuracy']:.4f}, "
                   f"{summary['examples_per_sec']:.0f} clips/s, fingerprint "
                   f"{summary['param_fingerprint']}")
     return summary
 
 
-def _maybe_resume(ckpt: checkpoint.Checkpointer, state: TrainState,
-                  data_meta: dict[str, Any]) -> tuple[TrainState, int]:
+def architecture(config: ml_collections.ConfigDict
+                 ) -> tuple[ml_collections.ConfigDict, model_store.LoadedModel | None]:
+    """`(model config, pretrained model or None)`: `config.model`, or the architecture of
+    `train.init_from`, which `config.model` may repeat but not contradict."""
+    if not config.train.init_from:
+        if "name" not in config.model:
+            raise UserError("config.model is empty and config.train.init_from is not set: "
+                            "give the architecture, or a model directory to fine-tune")
+        return config.model, None
+    pretrained = model_store.load(config.train.init_from,
+                                  role="initialisation (train.init_from)",
+                                  runtime=config.runtime)
+    conflicts = [f"{k}={v!r} (the model has {pretrained.model_config.get(k)!r})"
+                 for k, v in config.model.items()
+                 if pretrained.model_config.get(k, object()) != v]
+    if conflicts:
+        raise ModelConflictError(
+            f"config.train.init_from={config.train.init_from!r} brings its architecture, but "
+            f"config.model sets {', '.join(conflicts)}; leave config.model empty (or equal to "
+            "the pretrained model's) when fine-tuning")
+    return pretrained.model_config, pretrained
+
+
+def _clear(workdir: str) -> None:
+    """What a stale training run left: checkpoints, the export, its results."""
+    for name in ("checkpoints", "model"):
+        files.remove_tree(files.path(workdir) / name)
+    for name in ("predictions.npz", "summary.json"):
+        files.remove(files.path(workdir) / name)
+
+
+def _maybe_resume(ckpt: checkpoint.Checkpointer, state: TrainState) -> tuple[TrainState, int]:
+    """The newest readable checkpoint, if any (the workdir's stamp proved it was made with
+    these settings)."""
     restored = ckpt.restore_latest(state)
     if restored is None:
         return state, 0
     state, meta = restored
-    for key, value in data_meta.items():
-        if meta.get(key) != value:
-            raise checkpoint.CheckpointMismatchError(
-                f"checkpoint step {meta['step']} in {ckpt.directory} was written with "
-                f"{key}={meta.get(key)}, this run has {key}={value}; resuming would change the "
-                "data order. Use a fresh --workdir or the original setting.")
     reporting.log(f"[train] resumed from checkpoint step {meta['step']}")
     return state, int(meta["step"])
 
@@ -305,9 +349,8 @@ def _check_finite(values: dict[str, Any], step: int, ckpt: checkpoint.Checkpoint
 
 def _previous_throughput(workdir: str) -> dict[str, Any]:
     try:
-        with open(os.path.join(workdir, "summary.json")) as f:
-            previous = json.load(f)
-    except (OSError, ValueError):
+        previous = files.read_json(files.path(workdir) / "summary.json")
+    except (OSError, UserError):
         return {}
     return {k: previous[k] for k in ("examples_per_sec", "compile_seconds") if k in previous}
 

@@ -12,6 +12,7 @@ globally (pytorchvideo's fixed-size `AvgPool3d` equals a global pool at the inpu
 the model was built for).
 
 Inputs are channels-last `(batch, time, height, width, 3)` floats, already normalised.
+This module follows the classifier protocol of `dmd_jax.models` (`Model`, `INPUT_STATS`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dmd_jax import parallel
+
+# pytorchvideo's Kinetics recipe, which its X3D checkpoints were trained with.
+INPUT_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
 
 # Stage depths and widths of the X3D paper before the depth/width multipliers.
 _BASE_DEPTHS = (1, 2, 5, 3)
@@ -118,12 +124,15 @@ class DepthwiseConv3D(nn.Module):
         channels = x.shape[-1]
         kernel = self.param("kernel", _conv_init, (*self.kernel_size, 1, channels))
         kernel = kernel.astype(self.dtype)
-        if self.impl == "xla":
+        impl = self.impl
+        if impl == "auto":
+            impl = "shifted" if parallel.platform() == "cpu" else "xla"
+        if impl == "xla":
             return jax.lax.conv_general_dilated(
                 x, kernel, self.strides, _pad(self.kernel_size),
                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=channels)
-        if self.impl != "shifted":
-            raise ValueError(f"DepthwiseConv3D.impl must be 'shifted' or 'xla', got {self.impl!r}")
+        if impl != "shifted":
+            raise ValueError(f"depthwise_impl must be 'auto', 'shifted' or 'xla', got {impl!r}")
         return _shifted_depthwise(x, kernel, self.strides)
 
 
@@ -166,7 +175,7 @@ class Stem(nn.Module):
 
     dim: int
     temporal_kernel: int = 5
-    depthwise_impl: str = "shifted"
+    depthwise_impl: str = "auto"
     axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -188,7 +197,7 @@ class Bottleneck(nn.Module):
     stride: int
     use_se: bool
     se_ratio: float = 0.0625
-    depthwise_impl: str = "shifted"
+    depthwise_impl: str = "auto"
     axis_name: str | None = None
     dtype: Any = jnp.float32
 
@@ -220,7 +229,7 @@ class Bottleneck(nn.Module):
         return nn.relu(shortcut + y)
 
 
-class X3D(nn.Module):
+class Model(nn.Module):
     """X3D classifier returning `(logits, features)`.
 
     `features` are the pooled penultimate activations (after the head's 2048-d
@@ -236,7 +245,7 @@ class X3D(nn.Module):
     se_ratio: float = 0.0625
     head_dim: int = 2048
     dropout_rate: float = 0.5
-    depthwise_impl: str = "shifted"  # see DepthwiseConv3D
+    depthwise_impl: str = "auto"  # see DepthwiseConv3D; a runtime setting
     axis_name: str | None = None  # set only for pmap-style code; jit needs none
     dtype: Any = jnp.float32  # compute dtype; parameters stay float32
 
@@ -246,36 +255,35 @@ class X3D(nn.Module):
                         self.bottleneck_factor, self.head_dim)
 
     @nn.compact
-    def __call__(self, x: jnp.ndarray, train: bool = False,
-                 batch_norm_from_batch: bool | None = None) -> tuple[jnp.ndarray, jnp.ndarray]:
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         """`train` turns dropout on and normalises with the batch's statistics (updating
-        the running averages in `batch_stats`, which must then be mutable).
-        `batch_norm_from_batch=True` alone normalises with the batch's statistics but
-        keeps dropout off: what test-time adaptation (Tent, CEMA) runs."""
-        from_batch = train if batch_norm_from_batch is None else batch_norm_from_batch
+        the running averages in `batch_stats`, which must then be mutable)."""
         arch = self.arch
         x = x.astype(self.dtype)
         x = Stem(arch.stem_dim, depthwise_impl=self.depthwise_impl, axis_name=self.axis_name,
-                 dtype=self.dtype, name="stem")(x, from_batch)
+                 dtype=self.dtype, name="stem")(x, train)
         for s, (depth, inner, out) in enumerate(
                 zip(arch.stage_depths, arch.stage_inner_dims, arch.stage_dims)):
             for b in range(depth):
                 x = Bottleneck(inner, out, stride=2 if b == 0 else 1, use_se=b % 2 == 0,
                                se_ratio=self.se_ratio, depthwise_impl=self.depthwise_impl,
                                axis_name=self.axis_name,
-                               dtype=self.dtype, name=f"stage{s + 1}_block{b}")(x, from_batch)
-        features = self._head_features(x, from_batch)
+                               dtype=self.dtype, name=f"stage{s + 1}_block{b}")(x, train)
+        features = self._head_features(x, train)
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(features)
         logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.normal(0.01),
                           dtype=self.dtype, name="head_proj")(y)
         return logits.astype(jnp.float32), features.astype(jnp.float32)
 
-    def _head_features(self, x: jnp.ndarray, from_batch: bool) -> jnp.ndarray:
+    def _head_features(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         arch = self.arch
         x = nn.Conv(arch.head_inner_dim, (1, 1, 1), use_bias=False, kernel_init=_conv_init,
                     dtype=self.dtype, name="head_pre_conv")(x)
-        x = nn.relu(_batch_norm(from_batch, self.axis_name, self.dtype, "head_pre_norm")(x))
+        x = nn.relu(_batch_norm(train, self.axis_name, self.dtype, "head_pre_norm")(x))
         x = jnp.mean(x, axis=(1, 2, 3))
         x = nn.Dense(arch.head_dim, use_bias=False, kernel_init=_conv_init,
                      dtype=self.dtype, name="head_post_conv")(x)
         return nn.relu(x)
+
+
+X3D = Model  # the name the architecture is known by

@@ -6,24 +6,53 @@ integration transformer (MIT). Text side: the causal CLIP text transformer, pool
 the end-of-text token. The video-specific prompt generator lets each text embedding
 attend to the clip's patch features before the cosine similarity.
 
-`XCLIP` is the two-tower model (`logits_per_video` for any texts). `XCLIPZeroShot`
-turns it into a classifier: the text embeddings of the class prompts are computed once
-and stored as a variable collection (`text`), so a clip costs only the video tower and
-the prompt generator.
+`XCLIP` is the two-tower model (`logits_per_video` for any texts). `Model` (the
+classifier protocol of `dmd_jax.models`) turns it into a zero-shot classifier: the text
+embeddings of the class prompts are computed once and stored as a variable collection
+(`text`), so a clip costs only the video tower and the prompt generator; `with_classes`
+re-prompts it for another dataset's class names.
+
+Layer-norm epsilons and activations are per tower, as transformers' config has them:
+the vision tower, the multi-frame transformer and the prompt generator's input norm use
+`vision_config`'s; the text tower and the prompt generator's layers `text_config`'s
+epsilon; the prompt generator's MLP `prompt_hidden_act`.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from einops import rearrange
 
+from dmd_jax import text as text_lib
+from dmd_jax.models.videomae import attention
+
+# CLIP's pixel statistics (converted checkpoints store their processor's own in model.json).
+INPUT_STATS = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+
 
 def quick_gelu(x: jnp.ndarray) -> jnp.ndarray:
     return x * jax.nn.sigmoid(1.702 * x)
+
+
+# transformers' activation names (ACT2FN) that these towers may use.
+ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "relu": nn.relu,
+}
+
+
+def activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 class Attention(nn.Module):
@@ -33,6 +62,7 @@ class Attention(nn.Module):
     bias: bool = True
     out_name: str = "out_proj"
     dtype: Any = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, q_in, kv_in=None, causal: bool = False):
@@ -42,7 +72,7 @@ class Attention(nn.Module):
         q = heads(nn.Dense(dim, use_bias=self.bias, dtype=self.dtype, name="q_proj")(q_in))
         k = heads(nn.Dense(dim, use_bias=self.bias, dtype=self.dtype, name="k_proj")(kv_in))
         v = heads(nn.Dense(dim, use_bias=self.bias, dtype=self.dtype, name="v_proj")(kv_in))
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+        out = attention(q, k, v, self.impl, causal)
         return nn.Dense(dim, dtype=self.dtype, name=self.out_name)(
             rearrange(out, "b n h d -> b n (h d)"))
 
@@ -50,10 +80,11 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     hidden: int
     dtype: Any = jnp.float32
+    act: str = "quick_gelu"
 
     @nn.compact
     def __call__(self, x):
-        y = quick_gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
+        y = activation(self.act)(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x))
         return nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(y)
 
 
@@ -63,14 +94,16 @@ class EncoderLayer(nn.Module):
     num_heads: int
     mlp_dim: int
     eps: float = 1e-5
+    act: str = "quick_gelu"
     dtype: Any = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x, causal: bool = False):
         norm = lambda name: nn.LayerNorm(self.eps, dtype=self.dtype, name=name)
-        x = x + Attention(self.num_heads, dtype=self.dtype, name="self_attn")(
+        x = x + Attention(self.num_heads, dtype=self.dtype, impl=self.impl, name="self_attn")(
             norm("layer_norm1")(x), causal=causal)
-        return x + MLP(self.mlp_dim, self.dtype, name="mlp")(norm("layer_norm2")(x))
+        return x + MLP(self.mlp_dim, self.dtype, self.act, name="mlp")(norm("layer_norm2")(x))
 
 
 class VisionLayer(nn.Module):
@@ -80,33 +113,39 @@ class VisionLayer(nn.Module):
     mlp_dim: int
     num_frames: int
     eps: float = 1e-5
+    act: str = "quick_gelu"
     dtype: Any = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, x):  # (batch * frames, tokens, dim)
         norm = lambda name: nn.LayerNorm(self.eps, dtype=self.dtype, name=name)
+        attend = lambda name: Attention(self.num_heads, dtype=self.dtype, impl=self.impl,
+                                        name=name)
         tokens = x.shape[1]
         msg = nn.Dense(x.shape[-1], dtype=self.dtype, name="message_fc")(x[:, 0])
         msg = rearrange(msg, "(b t) d -> b t d", t=self.num_frames)
-        msg = msg + Attention(self.num_heads, dtype=self.dtype, name="message_attn")(
-            norm("message_ln")(msg))
+        msg = msg + attend("message_attn")(norm("message_ln")(msg))
         x = jnp.concatenate([x, rearrange(msg, "b t d -> (b t) 1 d")], axis=1)
-        x = x + Attention(self.num_heads, dtype=self.dtype, name="self_attn")(norm("layer_norm1")(x))
+        x = x + attend("self_attn")(norm("layer_norm1")(x))
         x = x[:, :tokens]
-        return x + MLP(self.mlp_dim, self.dtype, name="mlp")(norm("layer_norm2")(x))
+        return x + MLP(self.mlp_dim, self.dtype, self.act, name="mlp")(norm("layer_norm2")(x))
 
 
 class PromptLayer(nn.Module):
     num_heads: int
     eps: float = 1e-5
+    act: str = "quick_gelu"
     dtype: Any = jnp.float32
+    impl: str = "auto"
 
     @nn.compact
     def __call__(self, text, visual):
         norm = lambda name: nn.LayerNorm(self.eps, dtype=self.dtype, name=name)
         text = text + Attention(self.num_heads, bias=False, out_name="proj", dtype=self.dtype,
-                                name="cross_attn")(norm("norm1")(text), visual)
-        y = quick_gelu(nn.Dense(4 * text.shape[-1], dtype=self.dtype, name="mlp_fc1")(norm("norm3")(text)))
+                                impl=self.impl, name="cross_attn")(norm("norm1")(text), visual)
+        hidden = nn.Dense(4 * text.shape[-1], dtype=self.dtype, name="mlp_fc1")(norm("norm3")(text))
+        y = activation(self.act)(hidden)
         return text + nn.Dense(text.shape[-1], dtype=self.dtype, name="mlp_fc2")(y)
 
 
@@ -134,11 +173,16 @@ class XCLIP(nn.Module):
     prompt_layers: int = 2
     prompt_heads: int = 8
     prompt_alpha: float = 0.1
-    eps: float = 1e-5
-    dtype: Any = jnp.float32
+    vision_eps: float = 1e-5  # vision tower, MIT, the prompt generator's input norm
+    text_eps: float = 1e-5  # text tower, the prompt generator's layers
+    vision_act: str = "quick_gelu"  # vision tower and MIT
+    text_act: str = "quick_gelu"
+    prompt_act: str = "quick_gelu"
+    dtype: Any = jnp.float32  # runtime setting
+    attention_impl: str = "auto"  # runtime setting
 
     def setup(self):
-        dt = self.dtype
+        dt, impl, v_eps, t_eps = self.dtype, self.attention_impl, self.vision_eps, self.text_eps
         self.class_embedding = self.param("class_embedding", nn.initializers.normal(0.02),
                                           (self.vision_width,))
         self.patch_embedding = nn.Conv(self.vision_width, (self.patch_size, self.patch_size),
@@ -147,16 +191,17 @@ class XCLIP(nn.Module):
         self.position_embedding = self.param(
             "position_embedding", nn.initializers.normal(0.02),
             ((self.image_size // self.patch_size) ** 2 + 1, self.vision_width))
-        self.pre_layernorm = nn.LayerNorm(self.eps, dtype=dt)
-        self.vision = [VisionLayer(self.vision_heads, self.vision_mlp, self.num_frames, self.eps, dt)
+        self.pre_layernorm = nn.LayerNorm(v_eps, dtype=dt)
+        self.vision = [VisionLayer(self.vision_heads, self.vision_mlp, self.num_frames, v_eps,
+                                   self.vision_act, dt, impl)
                        for _ in range(self.vision_layers)]
-        self.post_layernorm = nn.LayerNorm(self.eps, dtype=dt)
+        self.post_layernorm = nn.LayerNorm(v_eps, dtype=dt)
         self.visual_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=dt)
         self.mit_position_embedding = self.param(
             "mit_position_embedding", nn.initializers.normal(0.02), (self.num_frames, self.mit_width))
-        self.mit = [EncoderLayer(self.mit_heads, self.mit_mlp, self.eps, dt)
+        self.mit = [EncoderLayer(self.mit_heads, self.mit_mlp, v_eps, self.vision_act, dt, impl)
                     for _ in range(self.mit_layers)]
-        self.prompts_visual_layernorm = nn.LayerNorm(self.eps, dtype=dt)
+        self.prompts_visual_layernorm = nn.LayerNorm(v_eps, dtype=dt)
         self.prompts_visual_projection = self.param(
             "prompts_visual_projection", nn.initializers.normal(0.02),
             (self.vision_width, self.projection_dim))
@@ -164,12 +209,13 @@ class XCLIP(nn.Module):
         self.text_position_embedding = self.param(
             "text_position_embedding", nn.initializers.normal(0.01),
             (self.context_length, self.text_width))
-        self.text = [EncoderLayer(self.text_heads, self.text_mlp, self.eps, dt)
+        self.text = [EncoderLayer(self.text_heads, self.text_mlp, t_eps, self.text_act, dt, impl)
                      for _ in range(self.text_layers)]
-        self.final_layer_norm = nn.LayerNorm(self.eps, dtype=dt)
+        self.final_layer_norm = nn.LayerNorm(t_eps, dtype=dt)
         self.text_projection = nn.Dense(self.projection_dim, use_bias=False, dtype=dt)
-        self.prompt_layernorm = nn.LayerNorm(self.eps, dtype=dt)
-        self.prompt = [PromptLayer(self.prompt_heads, self.eps, dt) for _ in range(self.prompt_layers)]
+        self.prompt_layernorm = nn.LayerNorm(v_eps, dtype=dt)
+        self.prompt = [PromptLayer(self.prompt_heads, t_eps, self.prompt_act, dt, impl)
+                       for _ in range(self.prompt_layers)]
         self.prompt_alpha_param = self.param(
             "prompt_alpha", lambda _, shape: jnp.full(shape, self.prompt_alpha), (self.projection_dim,))
         self.logit_scale = self.param("logit_scale", lambda _: jnp.asarray(2.6592))
@@ -224,23 +270,53 @@ class XCLIP(nn.Module):
         return self.similarity(video_embeds, patches, self.encode_text(input_ids))
 
 
-class XCLIPZeroShot(nn.Module):
+class Model(XCLIP):
     """Zero-shot classifier: `(logits over the classes, video embedding)` per clip.
 
     The class prompts' text embeddings live in the `text` collection (`embeds`,
-    `(num_classes, P)`), computed once by `zero_shot.class_text_embeddings`.
+    `(num_classes, P)`), computed once by `class_text_embeddings`; the text tower's
+    parameters stay, so `with_classes` can prompt for other classes later.
     """
 
-    num_classes: int
-    xclip: XCLIP
+    num_classes: int = 0
+    prompt_template: str = "a video of {}."
 
-    @nn.compact
+    def setup(self):
+        super().setup()
+        # The text tower alone (encode_text, to prompt new classes) runs without them.
+        if self.is_initializing() or self.has_variable("text", "embeds"):
+            self.embeds = self.variable("text", "embeds", jnp.zeros,
+                                        (self.num_classes, self.projection_dim), jnp.float32)
+
     def __call__(self, video: jnp.ndarray, train: bool = False) -> tuple[jnp.ndarray, jnp.ndarray]:
         del train
-        text = self.variable("text", "embeds", jnp.zeros,
-                             (self.num_classes, self.xclip.projection_dim), jnp.float32)
-        if self.is_initializing():  # keep the text tower: new class names need it
-            self.xclip.encode_text(jnp.zeros((1, self.xclip.context_length), jnp.int32))
-        video_embeds, patches = self.xclip.encode_video(video)
-        logits = self.xclip.similarity(video_embeds, patches, text.value)
+        embeds = self.embeds
+        if self.is_initializing():  # create the text tower's parameters too
+            self.encode_text(jnp.zeros((1, self.context_length), jnp.int32))
+        video_embeds, patches = self.encode_video(video)
+        logits = self.similarity(video_embeds, patches, embeds.value)
         return logits, video_embeds.astype(jnp.float32)
+
+
+def class_text_embeddings(model: XCLIP, params, tokenizer, class_names: tuple[str, ...],
+                          template: str) -> jnp.ndarray:
+    """The projected text embedding of each class's prompt, computed once (the text
+    tower's parameters are an argument of the compiled function, not constants)."""
+    ids = text_lib.tokenize(tokenizer, text_lib.prompts(class_names, template),
+                            model.context_length)
+    encode = jax.jit(lambda p, i: model.apply({"params": p}, i, method=XCLIP.encode_text))
+    return encode(params, ids)
+
+
+def with_classes(model, class_names: tuple[str, ...], directory: str):
+    """The zero-shot `model` (a `model_store.LoadedModel` of this module) answering over
+    `class_names`: their prompts encoded by its text tower, with the tokenizer kept in its
+    model directory."""
+    tokenizer = text_lib.load_tokenizer(directory)
+    embeds = class_text_embeddings(model.module, model.variables["params"], tokenizer,
+                                   class_names, model.module.prompt_template)
+    module = model.module.clone(num_classes=len(class_names))
+    variables = {**model.variables, "text": {"embeds": embeds}}
+    return dataclasses.replace(model, module=module, variables=variables,
+                               class_names=tuple(class_names))
+

@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dmd_jax import model_store, models
-from dmd_jax.data import pipeline
+from dmd_jax import model_store
+from dmd_jax.errors import UserError
 from dmd_jax.tta import renorm
 
 Params = dict[str, Any]
@@ -72,7 +72,8 @@ class Adaptable:
     def of(cls, model: model_store.LoadedModel) -> "Adaptable":
         norm_affine, _ = split_norm_affine(model.variables["params"])
         if not norm_affine:
-            raise ValueError(f"model {model.source} has no normalisation layers to adapt")
+            raise UserError(f"model {model.source} has no normalisation layers to adapt "
+                            "(their scale/bias parameters are what test-time adaptation learns)")
         # Host copies: every reset then puts fresh device buffers, which a jitted step
         # may donate without deleting the source parameters themselves.
         return cls(model, jax.device_get(norm_affine))
@@ -90,12 +91,13 @@ class Adaptable:
 
     def logits(self, norm_affine: Params, constants: dict[str, Any],
                clips: jnp.ndarray) -> jnp.ndarray:
-        x = pipeline.normalize(clips, *models.input_stats(self.model.model_config))
+        x = self.model.prepare(clips)
         variables = {"params": merge(norm_affine, constants["frozen"]), **constants["others"]}
         if "batch_stats" not in variables:  # LayerNorm models: nothing batch-dependent
             return self.model.module.apply(variables, x, train=False)[0]
-        (logits, _), _ = self.model.module.apply(
-            variables, x, batch_norm_from_batch=True, mutable=["batch_stats"])
+        with nn.intercept_methods(renorm.batch_statistics()):
+            (logits, _), _ = self.model.module.apply(variables, x, train=False,
+                                                     mutable=["batch_stats"])
         return logits
 
     @property
@@ -108,9 +110,10 @@ class Adaptable:
         (`renorm.interceptor(mode)`); models without BatchNorm run as `logits`."""
         if not self.has_batch_norm:
             return self.logits(norm_affine, constants, clips), stats
-        x = pipeline.normalize(clips, *models.input_stats(self.model.model_config))
+        x = self.model.prepare(clips)
         variables = {"params": merge(norm_affine, constants["frozen"]), **constants["others"],
                      "batch_stats": stats}
         with nn.intercept_methods(renorm.interceptor(mode)):
-            (logits, _), updated = self.model.module.apply(variables, x, mutable=["batch_stats"])
+            (logits, _), updated = self.model.module.apply(variables, x, train=False,
+                                                           mutable=["batch_stats"])
         return logits, updated["batch_stats"]

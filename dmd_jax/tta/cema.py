@@ -14,7 +14,10 @@ Two objects with an explicit message boundary, as on real hardware:
   this follows the official CEMA code (foundation on new clips only, distillation
   targets from the updated foundation model).
 
-`CEMA` joins the two for a stream; `cloud_all` is the same cloud with every clip uploaded.
+`Method` (the adaptation protocol, `dmd_jax.tta`) joins the two for a stream; its
+variants (`cloud_all`: every clip uploaded; `cema_tbr`: batch renormalisation; ...) are
+config, `config.adapt.variants`. The cloud runs on the largest part of the mesh whose size
+divides its 32/96/128-clip batches, so any device count works.
 """
 
 from __future__ import annotations
@@ -29,9 +32,14 @@ import numpy as np
 import optax
 
 from dmd_jax import parallel
-from dmd_jax.tta import losses
+from dmd_jax.errors import UserError
+
+
+class CloudConfigError(UserError, ValueError):
+    """CEMA's cloud cannot run with these settings or models."""
+from dmd_jax.tta import filters, losses
 from dmd_jax.tta.adaptable import Adaptable, Params, num_bytes
-from dmd_jax.tta.baselines import BatchResult
+from dmd_jax.tta.base import BatchResult, Context
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,20 +93,24 @@ class UploadFilter:
     Unreliable exclusion `H < E_max(t)`: `E_max = E0` until `warmup_clips` clips have
     been seen; then, if `dynamic_emax`, `E0 * lam * mean_H(t) / mean_H(warm-up)`, the
     running mean of every edge entropy so far over its value at the end of the warm-up.
-    Low-informative exclusion `H > e_min * ln C`. Redundancy (EATA's): `|cos(m, p)| <
-    redundancy_margin`, `m` the moving average of the uploaded clips' probabilities.
+    Low-informative exclusion `H > e_min * ln C`. Redundancy: EATA's filter
+    (`dmd_jax.tta.filters`) against the moving average of the uploaded clips' probabilities.
     """
 
     def __init__(self, num_classes: int, cfg: ml_collections.ConfigDict):
         self.cfg = cfg
         self.e0 = losses.reliability_margin(num_classes, cfg.margin_factor)
         self.e_min = cfg.e_min * float(np.log(num_classes))
+        self.redundancy = filters.redundancy_margin(
+            cfg.redundancy_margin, cfg.margin_reference_classes, num_classes)
+        self._num_classes = num_classes
         self.reset()
 
     def reset(self) -> None:
         self.seen, self.entropy_sum = 0, 0.0
         self.warmup_mean: float | None = None
-        self.probs_ema: np.ndarray | None = None
+        self.probs_ema = np.zeros(self._num_classes, np.float32)
+        self.has_ema = np.asarray(False)
 
     def e_max(self) -> float:
         if not self.cfg.dynamic_emax or self.warmup_mean is None:
@@ -114,18 +126,16 @@ class UploadFilter:
             self.warmup_mean = self.entropy_sum / self.seen
         failed = {name: np.zeros(len(ent), bool) for name in FILTERS}
         if self.cfg.unreliable_filter:
-            failed["unreliable"] = ~(ent < self.e_max())
+            failed["unreliable"] = ~np.asarray(filters.reliable(ent, self.e_max()))
         if self.cfg.low_info_filter:
             failed["low_info"] = ~(ent > self.e_min)
-        if self.cfg.redundancy_filter and self.probs_ema is not None:
-            cos = probs @ self.probs_ema / np.maximum(
-                np.linalg.norm(probs, axis=-1) * np.linalg.norm(self.probs_ema), 1e-8)
-            failed["redundant"] = ~(np.abs(cos) < self.cfg.redundancy_margin)
+        if self.cfg.redundancy_filter:
+            failed["redundant"] = ~np.asarray(filters.novel(
+                probs, self.probs_ema, self.has_ema, self.redundancy))
         keep = ~np.any(list(failed.values()), axis=0)
-        if keep.any():
-            mean = probs[keep].mean(0)
-            self.probs_ema = mean if self.probs_ema is None else (
-                self.cfg.ema_decay * self.probs_ema + (1 - self.cfg.ema_decay) * mean)
+        ema, has = filters.update_probs_ema(self.probs_ema, self.has_ema, probs, keep,
+                                            self.cfg.ema_decay)
+        self.probs_ema, self.has_ema = np.asarray(ema), np.asarray(has)
         return keep, failed
 
 
@@ -166,10 +176,8 @@ class Edge:
                ) -> tuple[Upload, np.ndarray, dict[str, np.ndarray] | None]:
         """The upload for this batch, the mask of the clips in it and which clips each
         filter turned down (None when every clip goes up, unfiltered)."""
-        shifted = logits.astype(np.float64) - logits.max(-1, keepdims=True)
-        log_probs = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-        probs = np.exp(log_probs)
-        ent = -np.sum(probs * log_probs, axis=-1)
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        ent = np.asarray(losses.entropy(logits))
         if self.upload_all:
             keep, failed = np.ones(len(logits), bool), None
         else:
@@ -215,20 +223,23 @@ class Cloud:
     def __init__(self, edge_model: Adaptable, foundation: Adaptable, mesh,
                  cfg: ml_collections.ConfigDict, seed: int):
         if foundation.model.class_names != edge_model.model.class_names:
-            raise ValueError("CEMA's foundation and edge models must predict the same classes")
+            raise CloudConfigError("CEMA's foundation (cloud) and edge models must predict the same "
+                            "classes; train or convert the cloud for the edge's dataset")
         if cfg.replay_from < cfg.new_per_step + cfg.replay_per_step:
-            raise ValueError(
+            raise CloudConfigError(
                 f"config.adapt.cema.replay_from={cfg.replay_from} must be at least "
                 f"new_per_step + replay_per_step = {cfg.new_per_step + cfg.replay_per_step}: "
                 "a replay-only step samples that many clips from the buffer")
-        self.edge_model, self.foundation, self.cfg, self._mesh = edge_model, foundation, cfg, mesh
+        self.edge_model, self.foundation, self.cfg = edge_model, foundation, cfg
+        self._mesh = parallel.submesh_dividing(
+            mesh, cfg.new_per_step, cfg.replay_per_step, cfg.new_per_step + cfg.replay_per_step)
         self.e0 = losses.reliability_margin(edge_model.num_classes, cfg.margin_factor)
         self.buffer = ReplayBuffer(cfg.buffer_size, seed)
         self.edge_opt = optax.sgd(cfg.edge_learning_rate, momentum=cfg.momentum)
         self.foundation_opt = optax.sgd(cfg.foundation_learning_rate, momentum=cfg.momentum)
         self._const = parallel.put_replicated(
-            {"edge": edge_model.constants(), "foundation": foundation.constants()}, mesh)
-        replicated = parallel.replicated(mesh)  # the clips arrive sharded along `data`
+            {"edge": edge_model.constants(), "foundation": foundation.constants()}, self._mesh)
+        replicated = parallel.replicated(self._mesh)  # the clips arrive sharded along `data`
         self._step = jax.jit(self._adapt, donate_argnums=0,
                              out_shardings=(replicated, replicated))
         self._initial_stats = jax.jit(self._initial_stats_of, out_shardings=replicated)
@@ -269,8 +280,8 @@ class Cloud:
         return Download(**sent), step_losses
 
     def _run_step(self, new: np.ndarray | None, replay: np.ndarray | None) -> float:
-        to_mesh = lambda clips: None if clips is None else parallel.to_global(
-            clips[parallel.host_slice(len(clips))], self._mesh)
+        # Every host holds every uploaded clip: each puts its devices' rows.
+        to_mesh = lambda clips: None if clips is None else parallel.put_rows(clips, self._mesh)
         new, replay = to_mesh(new), to_mesh(replay)
         if not self._stats_ready:  # renormalisation starts from the first batch's statistics
             self.state.update(self._initial_stats(self.state, self._const, new, replay))
@@ -331,14 +342,23 @@ class Cloud:
         return state, e_loss
 
 
-class CEMA:
+SETTINGS = (  # config.adapt.cema
+    "margin_factor", "unreliable_filter", "dynamic_emax", "warmup_clips", "lam",
+    "low_info_filter", "e_min", "redundancy_filter", "redundancy_margin",
+    "margin_reference_classes", "ema_decay", "upload_all", "batch_renorm", "buffer_size",
+    "new_per_step", "replay_per_step", "replay_from", "foundation_learning_rate",
+    "edge_learning_rate", "momentum", "alpha", "beta", "gamma", "temperature")
+
+
+class Method:
     """One edge and one cloud on a stream: predict, upload, adapt, download."""
 
-    def __init__(self, name: str, edge_model: Adaptable, foundation: Adaptable, mesh,
-                 cfg: ml_collections.ConfigDict, seed: int):
-        self.name = name
-        self.edge = Edge(edge_model, mesh, cfg)
-        self.cloud = Cloud(edge_model, foundation, mesh, cfg, seed)
+    SETTINGS = SETTINGS
+
+    def __init__(self, edge: Adaptable, cfg: ml_collections.ConfigDict, context: Context):
+        self.name = context.name
+        self.edge = Edge(edge, context.mesh, cfg)
+        self.cloud = Cloud(edge, context.foundation(), context.mesh, cfg, context.seed)
 
     def reset(self) -> None:
         self.edge.reset()

@@ -5,11 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def entropy(logits: jnp.ndarray) -> jnp.ndarray:
-    """Per-clip Shannon entropy `-sum p log p` of the softmax, in nats."""
-    log_p = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+from dmd_jax.confidence import entropy  # noqa: F401  (the one definition; re-exported)
 
 
 def reliability_margin(num_classes: int, factor: float = 0.4) -> float:

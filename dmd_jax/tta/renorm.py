@@ -1,4 +1,11 @@
-"""Test-time batch renormalisation (TBR): the BatchNorm of the official CEMA code.
+"""BatchNorm at test time, by method interceptors, so models need no adaptation code.
+
+`batch_statistics()`: every `nn.BatchNorm` normalises with the statistics of the batch it
+is given (Tent's test-time BatchNorm) whatever the model's `train` flag, dropout staying
+off.
+
+`interceptor(mode)`: test-time batch renormalisation (TBR), the BatchNorm of the official
+CEMA code.
 
 Plain test-time BatchNorm normalises with the statistics of whatever batch passes. In
 CEMA that differs between the two sides: the edge sees 64 clips of the stream, the
@@ -23,6 +30,33 @@ import jax
 import jax.numpy as jnp
 
 MOMENTUM = 0.1  # PyTorch's: running += 0.1 * (batch - running)
+
+
+def batch_statistics():
+    """An interceptor making every BatchNorm normalise with the batch's own statistics
+    (mean and biased variance over every axis but the channels, computed in float32 in
+    two passes), then its scale and bias; the running averages are neither read nor
+    changed."""
+
+    def intercept(next_fun, args, kwargs, context):
+        module = context.module
+        if not isinstance(module, nn.BatchNorm) or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        wide = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        axes = tuple(range(x.ndim - 1))
+        y = (wide - jnp.mean(wide, axes)) * jax.lax.rsqrt(jnp.var(wide, axes) + module.epsilon)
+        return _affine(module, y).astype(module.dtype or x.dtype)
+
+    return intercept
+
+
+def _affine(module: nn.BatchNorm, y: jnp.ndarray) -> jnp.ndarray:
+    if module.use_scale:
+        y = y * module.get_variable("params", "scale")
+    if module.use_bias:
+        y = y + module.get_variable("params", "bias")
+    return y
 
 
 def interceptor(mode: str):
@@ -53,6 +87,6 @@ def interceptor(mode: str):
         elif mode == "update":
             module.put_variable("batch_stats", "mean", run_mean + MOMENTUM * (sg(mean) - run_mean))
             module.put_variable("batch_stats", "var", run_var + MOMENTUM * (sg(var) - run_var))
-        return y * module.get_variable("params", "scale") + module.get_variable("params", "bias")
+        return _affine(module, y)
 
     return intercept

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO
 from dmd_jax import convert, model_store
+from dmd_jax.convert import mapping
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -37,7 +38,8 @@ def _max_logit_error(reference, model: model_store.LoadedModel) -> float:
         size=(2, c.num_frames, 3, c.image_size, c.image_size)).astype(np.float32)
     with torch.no_grad():
         expected = reference(pixel_values=torch.from_numpy(x)).logits.numpy()
-    logits, _ = jax.jit(model.logits_and_features)(np.transpose(x, (0, 1, 3, 4, 2)))
+    logits, _ = jax.jit(model.logits_and_features)(model.variables,
+                                                   np.transpose(x, (0, 1, 3, 4, 2)))
     assert np.std(expected) > 0.05
     return float(np.max(np.abs(np.asarray(logits) - expected)))
 
@@ -73,3 +75,33 @@ def test_original_q_bias_v_bias_bin_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     model = convert.convert("videomae", str(tmp_path), str(tmp_path / "flax"))
     assert _max_logit_error(reference, model) <= 1e-4
+
+
+def test_image_size_as_height_and_width(tmp_path):
+    """transformers accepts `image_size: [H, W]`: square frames convert, others are refused
+    by name (the converter used to crash with a TypeError)."""
+    reference = _reference(seed=2)
+    reference.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["image_size"] = [32, 32]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    model = convert.convert("videomae", str(tmp_path), str(tmp_path / "square"))
+    assert model.input_shape == (4, 32, 32, 3)
+    assert _max_logit_error(reference, model) <= 1e-4
+    config["image_size"] = [32, 16]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mapping.ConversionError, match="image_size.*square"):
+        convert.convert("videomae", str(tmp_path), str(tmp_path / "oblong"))
+
+
+@pytest.mark.parametrize("field,value", [("use_learnable_pos_emb", True),
+                                         ("hidden_act", "relu"), ("num_channels", 1),
+                                         ("layer_scale_init_value", 0.1)])
+def test_config_fields_it_cannot_honour_are_refused_by_name(tmp_path, field, value):
+    _reference().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(mapping.ConversionError, match=field):
+        convert.convert("videomae", str(tmp_path), str(tmp_path / "flax"))
+    assert not (tmp_path / "flax" / "model.json").exists()

@@ -38,7 +38,8 @@ def _max_logit_error(reference, model: model_store.LoadedModel, frames: int, siz
     x = np.random.default_rng(0).normal(size=(2, 3, frames, size, size)).astype(np.float32)
     with torch.no_grad():
         expected = reference(torch.from_numpy(x)).numpy()
-    logits, _ = jax.jit(model.logits_and_features)(np.transpose(x, (0, 2, 3, 4, 1)))
+    logits, _ = jax.jit(model.logits_and_features)(model.variables,
+                                                   np.transpose(x, (0, 2, 3, 4, 1)))
     assert np.std(expected) > 0.05  # logits large enough for the comparison to mean something
     return float(np.max(np.abs(np.asarray(logits) - expected)))
 

@@ -12,9 +12,8 @@ from dmd_jax.jobs import adapt
 
 
 def adapt_config(data_dir, root, **overrides):
-    base = {"job": "adapt", "edge.path": f"{root}/edge/model",
-            "cloud.path": f"{root}/teacher/model"}
-    return tiny_config(data_dir, **{**base, **overrides})
+    base = {"edge.path": f"{root}/edge/model", "cloud.path": f"{root}/teacher/model"}
+    return tiny_config(data_dir, "adapt", **{**base, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +95,7 @@ def test_rerun_resumes_from_the_streams_on_disk(mixed_run, capsys):
 def test_divergence_is_detected_logged_and_reset(data_dir, tiny_pipeline, tmp_path, capsys):
     config = adapt_config(data_dir, tiny_pipeline, **{
         "adapt.methods": ("tent",), "adapt.corruptions": ("gaussian_noise",),
-        "adapt.tta.learning_rate": 1e30})
+        "adapt.tent.learning_rate": 3e38})  # ~float32's largest: the first update overflows
     summary = adapt.run(config, str(tmp_path))
     assert summary["methods"]["tent"]["stability_resets"] >= 1
     assert "resetting to the source model" in capsys.readouterr().out
@@ -106,12 +105,12 @@ def test_divergence_is_detected_logged_and_reset(data_dir, tiny_pipeline, tmp_pa
 
 def test_unknown_method_is_one_clear_error(data_dir, tiny_pipeline, tmp_path):
     config = adapt_config(data_dir, tiny_pipeline, **{"adapt.methods": ("tent", "memo")})
-    with pytest.raises(ValueError, match="unknown adaptation methods \\['memo'\\]"):
+    with pytest.raises(ValueError, match="'memo'.*no module"):
         adapt.run(config, str(tmp_path))
 
 
 def test_collapse_is_judged_against_the_predictions_before_adapting():
-    from dmd_jax.tta.baselines import BatchResult
+    from dmd_jax.tta.base import BatchResult
 
     collapsed = np.zeros((10, 4))
     collapsed[:, 2] = 5.0  # every clip predicted as class 2

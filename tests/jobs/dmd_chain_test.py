@@ -9,8 +9,9 @@ import pytest
 
 from conftest import tiny_config
 from dmd_jax import hybrid
-from dmd_jax.data import pipeline
-from dmd_jax.jobs import label, switcher
+from dmd_jax.data import labels, pipeline
+from dmd_jax.jobs import label
+from dmd_jax.routers import switcher
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +24,14 @@ def runs(data_dir, tiny_pipeline):
     assert summary["stages"]["switcher"]["switcher_auroc"] == summaries["switcher"]["switcher_auroc"]
     assert summary["operating_point"] == summaries["hybrid"]["operating_point"]
 
-    def config(**overrides):
-        base = {"edge.path": f"{root}/edge/model", "cloud.path": f"{root}/teacher/model",
-                "switcher.label_dir": f"{root}/label", "hybrid.label_dir": f"{root}/label",
-                "hybrid.switcher_dir": f"{root}/switcher"}
-        return tiny_config(data_dir, **{**base, **overrides})
+    def config(stage, **overrides):
+        paths = {"edge.path": f"{root}/edge/model", "cloud.path": f"{root}/teacher/model",
+                 "switcher.label_dir": f"{root}/label", "hybrid.label_dir": f"{root}/label",
+                 "hybrid.switcher_dir": f"{root}/switcher"}
+        sections = {"label": ("edge", "cloud"), "switcher": ("switcher",),
+                    "hybrid": ("edge", "cloud", "hybrid")}[stage]
+        base = {k: v for k, v in paths.items() if k.split(".")[0] in sections}
+        return tiny_config(data_dir, stage, **{**base, **overrides})
 
     return root, summaries, config
 
@@ -53,7 +57,7 @@ def test_pipeline_report(runs):
 def test_label_outputs(runs):
     root, summaries, _ = runs
     assert summaries["label"]["num_labelled"] == 32
-    unlabelled = label.read_split(f"{root}/label", "unlabelled")
+    unlabelled = labels.read_split(f"{root}/label", "unlabelled")
     np.testing.assert_array_equal(unlabelled["id"], np.arange(32))
     assert unlabelled["edge_features"].shape[0] == 32 and unlabelled["edge_logits"].shape == (32, 12)
     agree = unlabelled["edge_logits"].argmax(-1) == unlabelled["cloud_logits"].argmax(-1)
@@ -61,11 +65,11 @@ def test_label_outputs(runs):
     assert summaries["label"]["agreement_rate"] == pytest.approx(agree.mean())
     assert np.all((unlabelled["soft"] >= 0) & (unlabelled["soft"] <= 1))
     # The stored logits are the exported edge's logits on these clips.
-    clips = pipeline.Split(pipeline.make_builder(runs[2]().data), "unlabelled", 8, 32).rows(
-        np.arange(4))["video"]
+    clips = pipeline.Split(pipeline.make_builder(runs[2]("label").data), "unlabelled", 8,
+                           32).rows(np.arange(4))["video"]
     from dmd_jax import model_store
     edge = model_store.load(f"{root}/edge/model")
-    logits, _ = jax.jit(edge.logits_and_features)(pipeline.normalize(clips))
+    logits, _ = jax.jit(edge.logits_and_features)(edge.variables, pipeline.normalize(clips))
     np.testing.assert_allclose(logits, unlabelled["edge_logits"][:4], rtol=1e-4, atol=1e-4)
 
 
@@ -73,7 +77,7 @@ def test_targets_hand_computed():
     outputs = {"edge_logits": np.log(np.array([[0.6, 0.4], [0.3, 0.7], [0.9, 0.1]])),
                "cloud_logits": np.log(np.array([[0.8, 0.2], [0.9, 0.1], [0.5, 0.5 + 1e-9]])),
                "label": np.array([0, 0, -1])}
-    t = label.targets(outputs)
+    t = labels.targets(outputs)
     np.testing.assert_array_equal(t["hard"], [1, 0, 0])
     np.testing.assert_allclose(t["soft"], [0.8, 0.1, 0.5], atol=1e-6)
     np.testing.assert_array_equal(t["ground_truth"], [1, 0, -1])
@@ -85,8 +89,8 @@ def test_switcher_summary_and_exports(runs):
     assert s["switcher_auroc"] is None or 0.0 <= s["switcher_auroc"] <= 1.0  # None: one class
     assert set(s["targets"]) == {"hard", "ground_truth"}
     for target in ("hard", "ground_truth"):
-        module, params, saved_target = switcher.load(f"{root}/switcher/{target}/switcher")
-        assert saved_target == target
+        module, params, info = switcher.load(f"{root}/switcher/{target}/switcher")
+        assert info["target"] == target
     assert json.load(open(f"{root}/switcher/summary.json"))["target"] == "hard"
 
 
@@ -108,7 +112,7 @@ def test_hybrid_summary_contract(runs):
         assert key in point
     assert point["cloud_gflops_per_clip"] > point["edge_gflops_per_clip"] > 0
     assert point["gflops_per_clip"] == pytest.approx(
-        point["edge_gflops_per_clip"] + point["switcher_gflops_per_clip"]
+        point["edge_gflops_per_clip"] + point["router_gflops_per_clip"]
         + point["offload_rate"] * point["cloud_gflops_per_clip"])
     # The oracle is never beaten; every file the job promises is there.
     assert all(m["auc"] <= s["routers"]["oracle"]["auc"] + 1e-12 for m in s["routers"].values())
@@ -123,9 +127,10 @@ def test_hybrid_summary_contract(runs):
 def test_api_reproduces_the_evaluation(runs):
     root, summaries, config = runs
     system = hybrid.HybridClassifier.from_dirs(
-        f"{root}/edge/model", f"{root}/switcher/hard/switcher",
-        f"{root}/hybrid/operating_point.json", f"{root}/teacher/model")
-    split = pipeline.Split(pipeline.make_builder(config().data), "test", 8, 32)
+        f"{root}/edge/model", f"{root}/switcher",
+        f"{root}/hybrid/operating_point.json", f"{root}/teacher/model",
+        runtime=config("hybrid").runtime)  # the tiny configs' depthwise convolution
+    split = pipeline.Split(pipeline.make_builder(config("label").data), "test", 8, 32)
     batch = split.rows(np.arange(len(split)))
     result = system(batch["video"])
     saved = np.load(f"{root}/hybrid/predictions.npz")
@@ -145,10 +150,10 @@ def test_api_sends_only_offloaded_clips_to_the_cloud(runs):
         return np.zeros((len(clips), 12))
 
     system = hybrid.HybridClassifier.from_dirs(
-        f"{root}/edge/model", f"{root}/switcher/hard/switcher",
+        f"{root}/edge/model", f"{root}/switcher",
         f"{root}/hybrid/operating_point.json", f"{root}/teacher/model", cloud=cloud)
     system.threshold = 2.0  # every clip offloaded
-    clips = pipeline.Split(pipeline.make_builder(config().data), "test", 8, 32).rows(
+    clips = pipeline.Split(pipeline.make_builder(config("label").data), "test", 8, 32).rows(
         np.arange(5))["video"]
     assert system(clips).offloaded.all() and seen == [5]
     system.threshold = -1.0  # none
@@ -158,8 +163,8 @@ def test_api_sends_only_offloaded_clips_to_the_cloud(runs):
 def test_label_refuses_labels_made_by_other_models(runs):
     root, _, config = runs
     from dmd_jax.errors import UserError
-    with pytest.raises(UserError, match="other models"):
-        label.run(config(job="label", **{"cloud.path": f"{root}/edge/model"}), f"{root}/label")
+    with pytest.raises(UserError, match="other settings or inputs.*inputs.cloud"):
+        label.run(config("label", **{"cloud.path": f"{root}/edge/model"}), f"{root}/label")
 
 
 def test_budget_calibration(runs, tmp_path):
@@ -167,17 +172,17 @@ def test_budget_calibration(runs, tmp_path):
     cloud alone, allows at most 25% offload; an impossible budget offloads nothing."""
     root, summaries, config = runs
     point = summaries["hybrid"]["operating_point"]
-    budget = (point["edge_gflops_per_clip"] + point["switcher_gflops_per_clip"]
+    budget = (point["edge_gflops_per_clip"] + point["router_gflops_per_clip"]
               + 0.25 * point["cloud_gflops_per_clip"])
     from dmd_jax.jobs import hybrid as hybrid_job
     for name, override in (("gflops", {"hybrid.gflops_budget": budget}),
                            ("fraction", {"hybrid.compute_budget":
                                          budget / point["cloud_gflops_per_clip"]}),
                            ("impossible", {"hybrid.compute_budget": 1e-6})):
-        summary = hybrid_job.run(config(job="evaluate_hybrid", **override), str(tmp_path / name))
+        summary = hybrid_job.run(config("hybrid", **override), str(tmp_path / name))
         assert summary["operating_point"]["target_offload"] <= 0.25 + 1e-9
     assert summary["operating_point"]["offload_rate"] == 0.0
     system = hybrid.HybridClassifier.from_dirs(  # a null (infinite) threshold loads
-        f"{root}/edge/model", f"{root}/switcher/hard/switcher",
+        f"{root}/edge/model", f"{root}/switcher",
         str(tmp_path / "impossible" / "operating_point.json"), f"{root}/teacher/model")
     assert system.threshold == -np.inf

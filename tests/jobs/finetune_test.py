@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import pytest
 
 from conftest import tiny_config
 from dmd_jax import model_store, models
@@ -14,7 +15,7 @@ from dmd_jax.jobs import train
 
 VIDEOMAE = dict(name="videomae", patch_size=8, tubelet_size=2, hidden_size=32, num_layers=1,
                 num_heads=4, intermediate_size=64, qv_bias=True, use_mean_pooling=True,
-                layer_norm_eps=1e-12, dtype="float32")
+                layer_norm_eps=1e-12)
 
 
 def _pretrained_videomae(directory, num_classes=5):
@@ -43,6 +44,7 @@ def test_start_from_copies_all_but_the_new_head(tmp_path):
 def test_train_job_fine_tunes_a_converted_model(data_dir, tmp_path):
     _pretrained_videomae(str(tmp_path / "pre"))
     summary = train.run(tiny_config(data_dir, **{"train.init_from": str(tmp_path / "pre"),
+                                                 "model": ml_collections.ConfigDict(),
                                                  "train.steps": 2, "train.eval_every": 100}),
                         str(tmp_path / "run"))
     assert summary["steps"] == 2 and np.isfinite(summary["eval_accuracy"])
@@ -51,3 +53,19 @@ def test_train_job_fine_tunes_a_converted_model(data_dir, tmp_path):
     assert len(exported.class_names) == 12 and exported.class_names[0] == "move_right"
     info = json.load(open(os.path.join(tmp_path, "run", "model", "model.json")))
     assert info["shapes"]["['params']['classifier']['kernel']"] == [32, 12]
+
+
+def test_a_model_field_that_contradicts_init_from_is_refused(data_dir, tmp_path):
+    """init_from brings its architecture: config.model may repeat it, not change it (the
+    demo's X3D block next to a VideoMAE checkpoint used to be ignored silently)."""
+    _pretrained_videomae(str(tmp_path / "pre"))
+    repeated = ml_collections.ConfigDict(dict(name="videomae", hidden_size=32))
+    config = tiny_config(data_dir, **{"train.init_from": str(tmp_path / "pre"),
+                                      "model": repeated, "train.steps": 1})
+    with pytest.raises(train.ModelConflictError, match="hidden_size=64 .*has 32"):
+        config.model.hidden_size = 64
+        train.run(config, str(tmp_path / "run"))
+    with pytest.raises(train.ModelConflictError, match="name='x3d'"):  # the demo's X3D block
+        train.run(tiny_config(data_dir, **{"train.init_from": str(tmp_path / "pre")}),
+                  str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "config.json").exists()  # refused before writing anything

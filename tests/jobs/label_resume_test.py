@@ -9,7 +9,7 @@ import sys
 import numpy as np
 
 from conftest import REPO
-from dmd_jax.jobs import label
+from dmd_jax.data import labels
 
 
 def test_sigkill_then_restart_labels_every_clip_once(data_dir, tiny_pipeline, tmp_path):
@@ -17,9 +17,9 @@ def test_sigkill_then_restart_labels_every_clip_once(data_dir, tiny_pipeline, tm
     edge = f"{tiny_pipeline}/edge/model"
     overrides = {"edge.path": edge, "cloud.path": edge, "label.batch_size": 8,
                  "label.chunk_size": 8}
-    command = [sys.executable, "-m", "dmd_jax.main", f"--config={REPO}/configs/demo.py:tiny",
+    command = [sys.executable, "-m", "dmd_jax.main", f"--config={REPO}/configs/demo.py:label,tiny",
                f"--workdir={root}/label", f"--config.data.data_dir={data_dir}",
-               "--config.job=label", *(f"--config.{k}={v}" for k, v in overrides.items())]
+               *(f"--config.{k}={v}" for k, v in overrides.items())]
 
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
@@ -36,7 +36,7 @@ def test_sigkill_then_restart_labels_every_clip_once(data_dir, tiny_pipeline, tm
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "2 of 4 chunks already on disk" in done.stdout
     for split in ("unlabelled", "calibration", "test"):
-        labels = label.read_split(f"{root}/label", split)
-        np.testing.assert_array_equal(labels["id"], np.arange(32))  # each clip exactly once
+        labelled = labels.read_split(f"{root}/label", split)
+        np.testing.assert_array_equal(labelled["id"], np.arange(32))  # each clip exactly once
     # Edge and cloud are the same model here, so every clip agrees.
-    assert label.read_split(f"{root}/label", "unlabelled")["hard"].all()
+    assert labels.read_split(f"{root}/label", "unlabelled")["hard"].all()

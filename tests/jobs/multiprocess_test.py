@@ -62,35 +62,60 @@ def test_two_processes_of_four_devices_match_one_process_of_eight(data_dir, tmp_
     assert summary["eval_accuracy"] == reference["eval_accuracy"]
 
 
-def test_adapt_job_on_two_processes_matches_one_process(tiny_pipeline, tmp_path):
-    """The tiny pipeline's adapt stage (1 process x 8 devices: norm, cema) again as
-    2 processes x 4, plus cloud_all (every clip uploaded: cloud steps and the replay buffer
-    on every host) against its own 1-process run: the same predictions, uploads and cloud
-    steps. Every host must take the same decisions from the gathered batches, or the
-    processes deadlock (as they did before `_clean_accuracy` broadcast its resume check)."""
+def test_dmd_stages_and_adapt_on_two_processes_match_one_process(tiny_pipeline, tmp_path):
+    """label -> train_switcher -> evaluate_hybrid -> adapt as one pipeline of 2 processes x
+    4 devices, on the tiny pipeline's edge and teacher, against that pipeline's own stages
+    (1 process x 8 devices): the same labels, switcher scores, operating point and
+    streams. The adapt stage adds cloud_all (every clip uploaded: cloud steps and the replay
+    buffer on every host), checked against its own 1-process run. Every host must take the
+    same decisions from the gathered batches and the main host's files, or the processes
+    deadlock."""
+    import shutil
+
     import ml_collections
+    from dmd_jax.data import labels
     from dmd_jax.jobs import adapt
 
-    stage = json.load(open(f"{tiny_pipeline}/adapt/config.json"))
-    reference_methods = list(stage["adapt"]["methods"])
-    stage["adapt"]["methods"] = reference_methods + ["cloud_all"]
-    (tmp_path / "stage.json").write_text(json.dumps(stage))
-    (tmp_path / "stage_config.py").write_text(
+    config = json.load(open(f"{tiny_pipeline}/config.json"))
+    config["stage_order"] = ["label", "switcher", "hybrid", "adapt"]
+    del config["stages"]["edge"], config["stages"]["teacher"]
+    for stage in ("label", "hybrid", "adapt"):
+        config["stages"][stage]["cloud"]["path"] = f"{tiny_pipeline}/teacher/model"
+    config["stages"]["adapt"]["adapt"]["methods"] += ["cloud_all"]
+    workdir = tmp_path / "two"
+    shutil.copytree(f"{tiny_pipeline}/edge/model", workdir / "edge" / "model")
+    (tmp_path / "run.json").write_text(json.dumps(config))
+    (tmp_path / "run_config.py").write_text(
         "import json, ml_collections\n\n\ndef get_config():\n"
-        f"    return ml_collections.ConfigDict(json.load(open({str(tmp_path / 'stage.json')!r})))\n")
-    workdir = str(tmp_path / "two")
-    _run_two_processes(str(tmp_path / "stage_config.py"), workdir)
+        f"    return ml_collections.ConfigDict(json.load(open({str(tmp_path / 'run.json')!r})))\n")
+    _run_two_processes(str(tmp_path / "run_config.py"), str(workdir))
 
-    cloud_all = {**stage, "adapt": {**stage["adapt"], "methods": ["cloud_all"]}}
-    adapt.run(ml_collections.ConfigDict(cloud_all), str(tmp_path / "one"))
-    ours = json.load(open(os.path.join(workdir, "summary.json")))
-    assert ours["devices"]["process_count"] == 2
-    assert ours["methods"]["cloud_all"]["cloud_steps"] > 0
-    references = {m: f"{tiny_pipeline}/adapt" for m in reference_methods}
+    for split in ("unlabelled", "calibration", "test"):
+        ours, theirs = (labels.read_split(f"{root}/label", split)
+                        for root in (workdir, tiny_pipeline))
+        np.testing.assert_array_equal(ours["id"], theirs["id"])
+        np.testing.assert_array_equal(ours["hard"], theirs["hard"])
+        np.testing.assert_allclose(ours["cloud_logits"], theirs["cloud_logits"], atol=1e-4)
+    for target in ("hard", "ground_truth"):
+        ours, theirs = (np.load(f"{root}/switcher/{target}/predictions.npz")
+                        for root in (workdir, tiny_pipeline))
+        np.testing.assert_allclose(ours["score"], theirs["score"], atol=1e-4)
+    ours, theirs = (json.load(open(f"{root}/hybrid/operating_point.json"))
+                    for root in (workdir, tiny_pipeline))
+    assert ours["offload_rate"] == theirs["offload_rate"]
+    assert ours["accuracy"] == theirs["accuracy"]
+
+    stage = json.load(open(f"{tiny_pipeline}/adapt/config.json"))
+    stage["adapt"]["methods"] = ["cloud_all"]
+    adapt.run(ml_collections.ConfigDict(stage), str(tmp_path / "one"))
+    summary = json.load(open(workdir / "adapt" / "summary.json"))
+    assert summary["devices"]["process_count"] == 2
+    assert summary["methods"]["cloud_all"]["cloud_steps"] > 0
+    references = {m: f"{tiny_pipeline}/adapt" for m in ("norm", "cema")}
     references["cloud_all"] = str(tmp_path / "one")
     for method, reference in references.items():
         for name in os.listdir(f"{reference}/reset/{method}"):
-            a = np.load(os.path.join(workdir, "reset", method, name))
+            a = np.load(workdir / "adapt" / "reset" / method / name)
             b = np.load(f"{reference}/reset/{method}/{name}")
             for key in ("id", "prediction", "uploaded", "learned_from", "cloud_steps"):
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{method} {name} {key}")

@@ -1,6 +1,7 @@
 """The train job: outputs, sharding invariance, resume, and its errors on bad input."""
 
 import functools
+import re
 import json
 import os
 
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dmd_jax import checkpoint, models, parallel, reporting
+from dmd_jax import checkpoint, files, models, parallel, stamps
 from dmd_jax.data import pipeline
 from dmd_jax.jobs import train
 
@@ -85,17 +86,38 @@ def _tree_files(directory):
 
 def test_checkpoint_of_another_model_is_refused_untouched(finished_run, data_dir):
     workdir, _ = finished_run
-    before = _tree_files(os.path.join(workdir, "checkpoints"))
+    before = _tree_files(workdir)
     wider_head = tiny_config(data_dir, **{"model.head_dim": 48})
-    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"head_post_conv.*\(54, 32\).*\(54, 48\)"):
+    with pytest.raises(stamps.StaleArtifactError, match=r"settings.model.head_dim: 32 -> 48"):
         train.run(wider_head, workdir)
-    assert _tree_files(os.path.join(workdir, "checkpoints")) == before
+    assert _tree_files(workdir) == before  # config.json included: nothing written
 
 
-def test_changed_batch_size_on_resume_is_refused(finished_run, data_dir):
+@pytest.mark.parametrize("override,named", [
+    ({"train.batch_size": 16}, "settings.train.batch_size: 8 -> 16"),
+    ({"train.steps": 3}, "settings.train.steps: 6 -> 3"),  # fewer steps than on disk
+    ({"seed": 1}, "settings.seed: 0 -> 1"),
+    ({"runtime.dtype": "bfloat16"}, "settings.runtime.dtype"),
+    ({"data.split_specs": {"train": "train[:50%]"}}, "settings.data.split_specs.train"),
+])
+def test_a_rerun_with_other_settings_is_refused_untouched(finished_run, data_dir, override,
+                                                         named):
     workdir, _ = finished_run
-    with pytest.raises(checkpoint.CheckpointMismatchError, match="batch_size"):
-        train.run(tiny_config(data_dir, **{"train.batch_size": 16}), workdir)
+    before = _tree_files(workdir)
+    with pytest.raises(stamps.StaleArtifactError, match=re.escape(named) + ".*overwrite=True"):
+        train.run(tiny_config(data_dir, **override), workdir)
+    assert _tree_files(workdir) == before
+
+
+def test_overwrite_recomputes_what_other_settings_made(data_dir, tmp_path):
+    config = tiny_config(data_dir, **{"train.steps": 2, "train.eval_every": 100})
+    first = train.run(config, str(tmp_path))
+    config.train.learning_rate = 1e-4
+    config.overwrite = True
+    again = train.run(config, str(tmp_path))
+    assert again["param_fingerprint"] != first["param_fingerprint"]
+    fresh = train.run(config, str(tmp_path / "fresh"))  # the same as never having the old
+    assert again["param_fingerprint"] == fresh["param_fingerprint"]
 
 
 def test_non_finite_loss_stops_before_saving(data_dir, tmp_path):
@@ -113,7 +135,7 @@ def test_non_finite_loss_stops_before_saving(data_dir, tmp_path):
 def test_unwritable_workdir_is_a_clear_error(data_dir, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
-    with pytest.raises(reporting.WorkdirError, match="--workdir"):
+    with pytest.raises(files.WorkdirError, match="--workdir"):
         train.run(tiny_config(data_dir), str(blocker / "run"))
     assert blocker.read_text() == "a file, not a folder"
 

@@ -7,10 +7,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from dmd_jax import models, parallel
+from dmd_jax import models, parallel, tta
 from dmd_jax.model_store import LoadedModel
-from dmd_jax.tta import baselines, cema, losses
+from dmd_jax.tta import cema, eata, filters, losses
 from dmd_jax.tta.adaptable import Adaptable, num_bytes, split_norm_affine
+from dmd_jax.tta.base import BatchResult, Context
 from conftest import tiny_config
 
 CLIP = (4, 16, 16, 3)
@@ -20,7 +21,7 @@ NUM_CLASSES = 5
 def random_model(seed: int, width: float = 0.25) -> Adaptable:
     config = tiny_config("").model
     config.width_factor = width
-    module = models.build(config, NUM_CLASSES)
+    module = models.build(config, NUM_CLASSES, {"depthwise_impl": "xla"})
     variables = jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, *CLIP)))
     names = tuple(f"class_{i}" for i in range(NUM_CLASSES))
     return Adaptable.of(LoadedModel(module, dict(variables), config, names, CLIP, "random"))
@@ -31,10 +32,23 @@ def clips(seed: int, batch: int = 8) -> np.ndarray:
 
 
 def settings() -> ml_collections.ConfigDict:
-    config = tiny_config("").adapt
-    config.tta.learning_rate = 1.0  # large enough to move a random model in one step
+    config = tiny_config("", "adapt").adapt
+    for method in ("tent", "eata", "sar"):
+        config[method].learning_rate = 1.0  # large enough to move a random model in one step
     config.cema.update(edge_learning_rate=1.0)
     return config
+
+
+def context(mesh, name: str, foundation=None, clean=()) -> Context:
+    """What the adapt job would give a method: here, a random cloud and fixed clean clips."""
+    return Context(name=name, mesh=mesh, seed=0, batch_size=8,
+                   foundation=lambda: foundation,
+                   clean_batches=lambda split, count: iter(clean))
+
+
+def build(name: str, edge: Adaptable, mesh, adapt=None, **kwargs):
+    """Method `name` as the adapt job builds it, from a (modified) `config.adapt`."""
+    return tta.build(adapt or settings(), name, edge, context(mesh, name, **kwargs))
 
 
 @pytest.fixture(scope="module")
@@ -49,18 +63,19 @@ def edge():
 
 def cloud_all_settings() -> ml_collections.ConfigDict:
     config = settings().cema
-    config.update(upload_all=True, new_per_step=8, replay_per_step=8, replay_from=16)
+    config.update(new_per_step=8, replay_per_step=8, replay_from=16)
     return config
 
 
 @pytest.fixture(scope="module")
 def shared(edge, mesh):
     """Methods built (and so compiled) once for the whole module; each test resets them."""
-    return {"norm": baselines.Norm(edge, mesh),
-            "tent": baselines.Tent(edge, mesh, settings().tta),
-            "eata": baselines.EATA(edge, mesh, settings().tta, [on_mesh(clips(4), mesh)]),
-            "cloud_all": cema.CEMA("cloud_all", edge, random_model(1), mesh,
-                                   cloud_all_settings(), seed=0)}
+    adapt = settings()
+    adapt.cema = cloud_all_settings()
+    return {"norm": build("norm", edge, mesh),
+            "tent": build("tent", edge, mesh),
+            "eata": build("eata", edge, mesh, clean=[on_mesh(clips(4), mesh)]),
+            "cloud_all": build("cloud_all", edge, mesh, adapt, foundation=random_model(1))}
 
 
 def on_mesh(batch: np.ndarray, mesh) -> jax.Array:
@@ -77,7 +92,7 @@ def test_only_norm_scale_and_bias_are_adapted(edge):
 
 def test_adaptable_normalises_with_the_batch_and_without_dropout(edge, mesh):
     x = jnp.asarray(clips(1))
-    running = jax.jit(lambda x: edge.model.classify(x)[0])(x)
+    running = jax.jit(edge.model.apply)(edge.model.variables, x)[0]
     logits = jax.jit(edge.logits)
     from_batch = logits(edge.source_norm_affine, edge.constants(), x)
     assert not np.allclose(running, from_batch, atol=1e-4)  # statistics of this batch
@@ -118,33 +133,38 @@ def test_eata_filters_unreliable_and_redundant_clips():
     margin = 0.5
     probs = jnp.asarray([[0.98, 0.01, 0.01], [0.01, 0.98, 0.01], [0.34, 0.33, 0.33]])
     ent = losses.entropy(jnp.log(probs))
-    first = baselines.select_reliable_novel(ent, probs, margin, jnp.zeros(3), jnp.array(False), 0.05)
+    select = lambda ema, has: filters.reliable(ent, margin) & filters.novel(probs, ema, has, 0.05)
+    first = select(jnp.zeros(3), jnp.array(False))
     assert first.tolist() == [True, True, False]  # the near-uniform clip is unreliable
-    ema = jnp.asarray([1.0, 0.0, 0.0])
-    later = baselines.select_reliable_novel(ent, probs, margin, ema, jnp.array(True), 0.05)
+    later = select(jnp.asarray([1.0, 0.0, 0.0]), jnp.array(True))
     assert later.tolist() == [False, True, False]  # the first is redundant with the average
-    new, has = baselines.update_probs_ema(jnp.zeros(3), jnp.array(False), probs,
-                                          jnp.asarray([True, False, False]), 0.9)
+    new, has = filters.update_probs_ema(jnp.zeros(3), jnp.array(False), probs,
+                                        jnp.asarray([True, False, False]), 0.9)
     np.testing.assert_allclose(new, probs[0]) and bool(has)
-    kept, _ = baselines.update_probs_ema(new, has, probs, jnp.zeros(3, bool), 0.9)
+    kept, _ = filters.update_probs_ema(new, has, probs, jnp.zeros(3, bool), 0.9)
     np.testing.assert_allclose(kept, new)  # nothing selected: unchanged
 
 
 def test_eata_fisher_penalty_anchors_to_the_source(edge, shared):
-    eata = shared["eata"]
-    fisher = jax.device_get(eata.const["fisher"])
+    fisher = jax.device_get(shared["eata"].const["fisher"])
     assert all(np.all(f >= 0) for f in fisher.values()) and any(f.sum() > 0 for f in fisher.values())
     source = edge.source_norm_affine
-    assert float(baselines.fisher_penalty(source, source, fisher)) == 0.0
+    assert float(eata.fisher_penalty(source, source, fisher)) == 0.0
     moved = {k: v + 1.0 for k, v in source.items()}
-    assert float(baselines.fisher_penalty(moved, source, fisher)) > 0.0
+    assert float(eata.fisher_penalty(moved, source, fisher)) > 0.0
+
+
+def test_redundancy_margin_scales_with_the_class_count():
+    assert filters.redundancy_margin(0.05, 1000, 1000) == 0.05
+    assert filters.redundancy_margin(0.05, 1000, 12) == 0.46  # sqrt(1000 / 12) ~ 9.1
+    assert filters.redundancy_margin(0.3, 0, 12) == 0.3  # 0: as given
 
 
 def test_sar_resets_itself_when_its_loss_average_falls_below_the_bound(edge, mesh):
-    config = settings().tta
-    config.margin_factor = 10.0  # every clip reliable
-    config.reset_loss_ema = 1e9  # any loss average is "below": reset after the first step
-    sar = baselines.SAR(edge, mesh, config)
+    adapt = settings()
+    adapt.sar.margin_factor = 10.0  # every clip reliable
+    adapt.sar.reset_loss_ema = 1e9  # any loss average is "below": reset after the first step
+    sar = build("sar", edge, mesh, adapt)
     result = sar.process(on_mesh(clips(5), mesh))
     assert result.self_resets == 1
     for k, v in jax.device_get(sar.state["params"]).items():
@@ -246,8 +266,8 @@ def test_every_method_compiles_once_over_a_stream(edge, mesh, shared):
     """A second pass over a stream (after reset) compiles nothing: each step was jitted
     once per shape during the first."""
     stream = [on_mesh(clips(30 + i), mesh) for i in range(4)]
-    methods = [baselines.Source(edge, mesh), shared["norm"], shared["tent"], shared["eata"],
-               baselines.SAR(edge, mesh, settings().tta), shared["cloud_all"]]
+    methods = [build("source", edge, mesh), shared["norm"], shared["tent"], shared["eata"],
+               build("sar", edge, mesh), shared["cloud_all"]]
     for method in methods:
         method.reset()
         for batch in stream:
@@ -281,10 +301,10 @@ def test_batch_renormalisation_values_and_statistics(edge):
 
 def test_cema_with_batch_renorm_sends_statistics_down(mesh):
     edge_model, foundation = random_model(0), random_model(1)
-    config = settings().cema
-    config.update(upload_all=True, batch_renorm=True, new_per_step=8, replay_per_step=8,
-                  replay_from=10_000)  # no replay: one step shape to compile
-    method = cema.CEMA("cloud_all_tbr", edge_model, foundation, mesh, config, seed=0)
+    adapt = settings()
+    adapt.cema.update(new_per_step=8, replay_per_step=8,
+                      replay_from=10_000)  # no replay: one step shape to compile
+    method = build("cloud_all_tbr", edge_model, mesh, adapt, foundation=foundation)
     results = [method.process(on_mesh(clips(50 + i), mesh)) for i in range(3)]
     stats_bytes = num_bytes(edge_model.model.variables["batch_stats"])
     assert results[-1].bytes_down == num_bytes(edge_model.source_norm_affine) + stats_bytes

@@ -1,0 +1,167 @@
+"""Every file dmd_jax writes or reads back, on local disk or in a bucket (`gs://...`).
+
+Paths go through `etils.epath`, so a workdir or data dir can be a Cloud Storage URL (what
+Cloud TPU users use) as well as a local folder. Writers are safe on a pod and after a kill:
+
+- only the main host writes (other hosts would write the same bytes, and race);
+- a local file is written to a uniquely named temporary file in the same folder, synced,
+  then renamed over the target, so readers see the old file or the new one, never half;
+  an object store writes whole objects atomically by itself;
+- new files get the user's umask (a team's shared workdir stays readable), not the
+  0600 of temporary files.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+from typing import Any, Mapping
+
+import numpy as np
+from etils import epath
+
+from dmd_jax import parallel
+from dmd_jax.errors import UserError
+
+PathLike = str | os.PathLike | epath.Path
+
+
+class WorkdirError(UserError, OSError):
+    """The workdir cannot be created or written."""
+
+
+class CorruptFileError(UserError, ValueError):
+    """A file dmd_jax wrote earlier cannot be read back."""
+
+
+def path(p: PathLike) -> epath.Path:
+    return epath.Path(p)
+
+
+def is_local(p: PathLike) -> bool:
+    return "://" not in os.fspath(p)
+
+
+def ensure_workdir(workdir: PathLike) -> None:
+    """Creates the workdir and proves it writable before any work is done (main host)."""
+    if not parallel.is_main_process():
+        return
+    target = path(workdir)
+    probe = target / f".write_probe_{os.getpid()}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise WorkdirError(
+            f"workdir {os.fspath(workdir)!r} is not writable ({err.strerror or err}); pass a "
+            "--workdir you can write to") from err
+
+
+def write_bytes(target: PathLike, data: bytes) -> None:
+    """Writes `data` to `target` atomically (main host only)."""
+    if not parallel.is_main_process():
+        return
+    target = path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not is_local(target):
+        target.write_bytes(data)  # an object appears whole or not at all
+        return
+    folder = os.fspath(target.parent)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".tmp",
+                                     delete=False) as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(f.name, 0o666 & ~_umask())
+    os.replace(f.name, os.fspath(target))
+
+
+def write_text(target: PathLike, text: str) -> None:
+    write_bytes(target, text.encode())
+
+
+def write_json(target: PathLike, data: Mapping[str, Any]) -> None:
+    """Strict JSON (NaN, e.g. an undefined PGR, is written as null), sorted keys."""
+    text = json.dumps(_nan_to_none(data), indent=2, sort_keys=True, default=_jsonable,
+                      allow_nan=False)
+    write_text(target, text + "\n")
+
+
+def read_json(source: PathLike) -> Any:
+    try:
+        return json.loads(path(source).read_text())
+    except ValueError as err:
+        raise CorruptFileError(f"{os.fspath(source)} is not valid JSON ({err}); it was damaged "
+                               "after it was written: remove it and rerun the job that "
+                               "writes it") from err
+
+
+def save_npz(target: PathLike, /, **arrays: np.ndarray) -> None:
+    """Per-clip arrays behind a reported figure, written atomically (main host only)."""
+    if not parallel.is_main_process():
+        return
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(target, buffer.getvalue())
+
+
+def load_npz(source: PathLike) -> dict[str, np.ndarray]:
+    """Every array of an `.npz` file, read into memory."""
+    with path(source).open("rb") as f:
+        with np.load(io.BytesIO(f.read())) as npz:
+            return {k: npz[k] for k in npz.files}
+
+
+def exists(p: PathLike) -> bool:
+    return path(p).exists()
+
+
+def remove(target: PathLike) -> None:
+    """Deletes a file if present (main host only)."""
+    if parallel.is_main_process():
+        target = path(target)
+        if target.exists():
+            target.unlink()
+
+
+def remove_tree(target: PathLike) -> None:
+    """Deletes a folder and everything in it, if present (main host only)."""
+    if parallel.is_main_process():
+        target = path(target)
+        if target.exists():
+            target.rmtree()
+
+
+def save_figure(fig: Any, target: PathLike, dpi: int = 120) -> None:
+    """Writes a matplotlib figure as a PNG (main host only) and closes it."""
+    if parallel.is_main_process():
+        buffer = io.BytesIO()
+        fig.savefig(buffer, dpi=dpi, format="png")
+        write_bytes(target, buffer.getvalue())
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return {k: _nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_nan_to_none(v) for v in x]
+    if isinstance(x, (float, np.floating)) and not np.isfinite(x):
+        return None
+    return x
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, (np.generic, np.ndarray)):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
