@@ -25,7 +25,8 @@ import time
 
 from benchmarks import common
 
-BENCHMARKS = ("x3d_train_step", "scaling", "videomae_forward", "hybrid_cost", "adapt_throughput")
+BENCHMARKS = ("x3d_train_step", "scaling", "videomae_forward", "hybrid_cost", "adapt_throughput",
+              "weights_as_arguments")
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 

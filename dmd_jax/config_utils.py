@@ -77,16 +77,17 @@ def check_sections(config: ml_collections.ConfigDict, job: str, sections: tuple[
     keys = set(config.keys())
     missing = [s for s in sections if s not in keys]
     extra = sorted(keys - set(sections) - set(RUN_KEYS))
+    if missing:
+        unread = f", and its {', '.join(extra)} would go unread" if extra else ""
+        raise ConfigSectionError(
+            f"{where} has no section {missing[0]!r}, which the {job!r} job reads (it reads "
+            f"{', '.join(sections)}){unread}: use a config variant made for that job (e.g. "
+            "configs/demo.py:label for the label job) rather than changing config.job")
     if extra:
         raise ConfigSectionError(
             f"{where}.{extra[0]} is not read by the {job!r} job (it reads "
             f"{', '.join(sections)}): remove it, or run the job that reads it (e.g. the "
             "config variant of that stage)")
-    if missing:
-        raise ConfigSectionError(
-            f"{where} has no section {missing[0]!r}, which the {job!r} job reads (it reads "
-            f"{', '.join(sections)}); use a config variant made for that job (e.g. "
-            "configs/demo.py:label for the label job) rather than changing config.job")
 
 
 def run_with_clear_errors(fn: Callable[[], Any]) -> Any:

@@ -67,3 +67,19 @@ def test_missing_labels_for_the_hybrid_evaluation_is_one_line(tmp_path):
     assert out.returncode == 1, out.stderr[-2000:]
     assert "no labels for split 'calibration'" in out.stderr and "label job" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_a_setting_no_job_of_the_run_reads_is_refused(tmp_path):
+    """A label config has no train section: `train.steps` there is an unknown key, not a
+    setting silently ignored."""
+    out = _main("--config=configs/demo.py:label", f"--workdir={tmp_path}", "--config.train.steps=3")
+    assert out.returncode != 0 and "unknown config key 'train.steps'" in out.stderr
+    assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())
+
+
+def test_another_job_on_a_variant_without_its_sections_is_one_line(tmp_path):
+    for job, named in (("pipeline", "no section 'stage_order'"), ("label", "no section 'edge'")):
+        out = _main("--config=configs/demo.py:tiny", f"--workdir={tmp_path}", f"--config.job={job}")
+        assert out.returncode == 1, out.stderr[-2000:]
+        assert named in out.stderr and "configs/demo.py:label" in out.stderr
+        assert "Traceback" not in out.stderr and not any(tmp_path.iterdir())

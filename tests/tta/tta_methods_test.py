@@ -312,3 +312,20 @@ def test_cema_with_batch_renorm_sends_statistics_down(mesh):
                                      jax.tree.leaves(jax.device_get(method.cloud.state["edge_stats"]))):
         np.testing.assert_array_equal(edge_leaf, cloud_leaf)
     assert all(np.isfinite(r.loss) for r in results)
+
+
+def test_cema_runs_on_a_device_count_that_does_not_divide_its_cloud_batches(edge):
+    """On 6 devices the cloud's 8- and 16-clip batches run on 4 of them; the stream's
+    predictions, uploads and steps are those of the 8-device mesh."""
+    outcomes = {}
+    for devices in (8, 6):
+        mesh = parallel.make_mesh(devices)
+        adapt = settings()
+        adapt.cema = cloud_all_settings()
+        method = build("cloud_all", edge, mesh, adapt, foundation=random_model(1))
+        stream = [parallel.to_global(clips(60 + i, batch=24), mesh) for i in range(2)]
+        outcomes[devices] = [method.process(batch) for batch in stream]
+    for ours, theirs in zip(outcomes[6], outcomes[8]):
+        assert ours.cloud_steps == theirs.cloud_steps == 3
+        np.testing.assert_allclose(ours.logits, theirs.logits, rtol=1e-4, atol=1e-4)
+    assert parallel.submesh_dividing(parallel.make_mesh(6), 8, 16).size == 4
