@@ -38,7 +38,8 @@ def data_config(size: str = "demo") -> ml_collections.ConfigDict:
         splits = {"train": 64, "broad": 16, "calibration": 32, "test": 32, "unlabelled": 32}
     return ml_collections.ConfigDict(dict(
         name="synthetic_actions",  # or 'video_folder' (data.root) or 'ucf101'
-        data_dir="",  # '' -> tfds's default (~/tensorflow_datasets or $TFDS_DATA_DIR)
+        data_dir="",  # '' -> tfds's default (~/tensorflow_datasets or $TFDS_DATA_DIR); gs://...
+        cache_dir="",  # local mirror of a gs:// data_dir ('' -> ~/.cache/dmd_jax/datasets)
         prepare=True,  # generate the dataset when it is missing
         seed=0,
         frames=8,

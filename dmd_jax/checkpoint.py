@@ -4,13 +4,16 @@ A checkpoint is a step directory holding two items: `state` (any pytree of array
 saved with orbax's pytree handler) and `meta` (JSON: what a resumed run must check or restore,
 e.g. the data position). Orbax writes each step to a temporary directory and renames
 it when complete, so a job killed mid-save leaves no half-written step behind. A step
-that is present but unreadable (a damaged disk, a file truncated by hand) is skipped
-with a warning and the previous step is used instead.
+that is present but unreadable (a damaged disk, a file truncated by hand) on any host is
+moved aside to `<directory>.damaged/` with a warning (never deleted) and the previous step
+is used instead, on every host alike; the run then saves that step again, so the next
+resume is clean.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import jax
@@ -43,11 +46,16 @@ def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
     return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
 
 
+def _resolved(path: str) -> epath.Path:
+    """An absolute path (orbax needs one); bucket URLs are left as they are."""
+    return epath.Path(path) if "://" in str(path) else epath.Path(path).absolute()
+
+
 def save_tree(path: str, tree: Any) -> None:
     """Writes a pytree of arrays to `path` (a directory; replaced if present). Every host
     takes part; orbax coordinates them."""
     with ocp.Checkpointer(_pytree_handler()) as saver:
-        saver.save(epath.Path(path).absolute(), args=ocp.args.PyTreeSave(tree), force=True)
+        saver.save(_resolved(path), args=ocp.args.PyTreeSave(tree), force=True)
 
 
 def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
@@ -91,14 +99,14 @@ def restore_everywhere(path: str, abstract: Any) -> Any:
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
                           abstract)
     with ocp.Checkpointer(_pytree_handler()) as restorer:
-        return restorer.restore(epath.Path(path).absolute(), args=_restore_args(target))
+        return restorer.restore(_resolved(path), args=_restore_args(target))
 
 
 class Checkpointer:
     """Saves every `save` asynchronously; restores the newest readable step."""
 
     def __init__(self, directory: str, max_to_keep: int = 3):
-        self.directory = str(epath.Path(directory).absolute())
+        self.directory = str(_resolved(directory))
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager(
@@ -121,23 +129,46 @@ class Checkpointer:
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         for step in reversed(self.steps()):
-            try:
-                meta = self._manager.restore(step, args=ocp.args.Composite(
-                    meta=ocp.args.JsonRestore()))["meta"]
-            except Exception as err:  # noqa: BLE001 - any failure means unreadable
-                logging.warning("checkpoint step %d in %s is unreadable (%s); trying the "
-                                "previous one", step, self.directory, err)
+            meta = self._read(step, lambda: self._manager.restore(step, args=ocp.args.Composite(
+                meta=ocp.args.JsonRestore()))["meta"])
+            if meta is None:
                 continue
             check_compatible(meta.get("shapes", {}), target, self.directory)
-            try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=_restore_args(abstract)))
-            except Exception as err:  # noqa: BLE001
-                logging.warning("checkpoint step %d in %s is unreadable (%s); trying the "
-                                "previous one", step, self.directory, err)
-                continue
-            return restored["state"], meta
+            state = self._read(step, lambda: self._manager.restore(step, args=ocp.args.Composite(
+                state=_restore_args(abstract)))["state"])
+            if state is not None:
+                return state, meta
         return None
+
+    def _read(self, step: int, read) -> Any:
+        """`read()`'s result if it succeeded on every host; else the step is set aside on
+        all of them alike (the decision is shared, or the hosts would resume apart)."""
+        try:
+            result, error = read(), None
+        except Exception as err:  # noqa: BLE001 - any failure means unreadable
+            result, error = None, err
+        if parallel.all_hosts_agree(error is None):
+            return result
+        logging.warning("checkpoint step %d in %s is unreadable (%s); moving it aside to %s "
+                        "and trying the previous one", step, self.directory,
+                        error or "on another host", self.damaged_directory)
+        self._set_aside(step)
+        return None
+
+    @property
+    def damaged_directory(self) -> str:
+        return self.directory.rstrip("/") + ".damaged"
+
+    def _set_aside(self, step: int) -> None:
+        """Moves an unreadable step out of the way (main host), so that the run can write
+        that step again and the next resume does not fall back once more."""
+        if parallel.is_main_process():
+            source = epath.Path(self.directory) / str(step)
+            target = epath.Path(self.damaged_directory) / f"{step}.{time.strftime('%Y%m%d-%H%M%S')}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            source.rename(target)
+        parallel.barrier(f"checkpoint step {step} set aside")
+        self._manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending asynchronous saves are on disk."""

@@ -115,6 +115,15 @@ def load_npz(source: PathLike) -> dict[str, np.ndarray]:
             return {k: npz[k] for k in npz.files}
 
 
+def walk_files(root: PathLike):
+    """Every file under `root`, recursively (epath's rglob refuses buckets)."""
+    for child in sorted(path(root).iterdir()):
+        if child.is_dir():
+            yield from walk_files(child)
+        else:
+            yield child
+
+
 def exists(p: PathLike) -> bool:
     return path(p).exists()
 

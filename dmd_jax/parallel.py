@@ -142,6 +142,13 @@ def broadcast_from_main(value: Any) -> Any:
     return multihost_utils.broadcast_one_to_all(value)
 
 
+def all_hosts_agree(flag: bool) -> bool:
+    """True on every host iff `flag` is true on every host (e.g. each read a file)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
 def barrier(name: str) -> None:
     """Waits until every host reaches this point (a no-op on one host)."""
     if jax.process_count() > 1:

@@ -3,16 +3,16 @@
 #
 #   launch/tpu_vm.sh create                 # create the TPU VM / slice
 #   launch/tpu_vm.sh install                # clone + pip install on every worker
-#   launch/tpu_vm.sh run --config configs/demo.py:pipeline --workdir /mnt/shared/runs/demo
+#   launch/tpu_vm.sh run --config configs/demo.py:pipeline --workdir gs://BUCKET/runs/demo
 #   launch/tpu_vm.sh delete
 #
 # Settings (environment): TPU_NAME, ZONE, ACCELERATOR (v5litepod-8, v4-32, ...),
 # RUNTIME (the TPU VM image), REPO (git URL), BRANCH. On a multi-host slice every worker
 # runs the job with DMD_DISTRIBUTED=auto: jax.distributed.initialize() finds the other
-# hosts, and each host loads only its rows of every global batch. Use a workdir on a
-# filesystem all hosts share (e.g. a Filestore/NFS mount): checkpoints are written
-# cooperatively and the main host writes the rest. gs:// workdirs are not supported yet
-# (summaries and label chunks are written with local file operations).
+# hosts, and each host loads only its rows of every global batch. Use a workdir all hosts
+# share: a bucket (gs://...) or a Filestore/NFS mount. Checkpoints are written
+# cooperatively and the main host writes the rest. A gs:// data dir is mirrored to each
+# host's local disk once (--config.data.cache_dir; array_record is read locally).
 set -euo pipefail
 
 TPU_NAME=${TPU_NAME:-dmd-jax}

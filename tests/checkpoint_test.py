@@ -56,10 +56,21 @@ def test_damaged_latest_step_falls_back_to_previous(tmp_path, caplog):
     _two_steps(directory)
     _damage_latest(directory, 2)
     with caplog.at_level(logging.WARNING):
-        state, meta = checkpoint.Checkpointer(directory).restore_latest(_state())
+        ckpt = checkpoint.Checkpointer(directory)
+        state, meta = ckpt.restore_latest(_state())
     assert meta["step"] == 1
     np.testing.assert_array_equal(state["b"], np.arange(4.0))
-    assert "step 2" in caplog.text and "unreadable" in caplog.text
+    assert "step 2" in caplog.text and "unreadable" in caplog.text and "aside" in caplog.text
+    # Moved aside, not deleted; the step can be written again and the next resume is clean.
+    (aside,) = os.listdir(directory + ".damaged")
+    assert aside.startswith("2.") and ckpt.steps() == [1]
+    ckpt.save(2, _state(3.0), {})
+    ckpt.wait()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        state, meta = checkpoint.Checkpointer(directory).restore_latest(_state())
+    assert meta["step"] == 2 and "unreadable" not in caplog.text
+    np.testing.assert_array_equal(state["b"], np.arange(4.0) * 3.0)
 
 
 def test_unreadable_meta_falls_back_too(tmp_path, caplog):

@@ -10,7 +10,9 @@ with no iterator state to save, and 1 host or 64 hosts see the same global batch
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import importlib.util
+import os
 from typing import Any, Iterable, Iterator
 
 import jax
@@ -20,7 +22,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dmd_jax import parallel
+from dmd_jax import files, parallel
 from dmd_jax.data import builders, synthetic
 from dmd_jax.errors import UserError
 
@@ -34,8 +36,9 @@ class DatasetNotPreparedError(UserError, FileNotFoundError):
 
 
 def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
-    """The tfds builder that `config.data` names (array_record files, no TensorFlow)."""
-    common = dict(data_dir=data.data_dir or None, file_format="array_record")
+    """The tfds builder that `config.data` names (array_record files, no TensorFlow),
+    on local disk: a bucket's data_dir is mirrored locally (`local_data_dir`)."""
+    common = dict(data_dir=local_data_dir(data), file_format="array_record")
     if data.name == "synthetic_actions":
         render = synthetic.RenderConfig(frames=data.frames, height=data.size, width=data.size)
         sizes = {split: int(n) for split, n in data.split_sizes.items()}
@@ -58,12 +61,38 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
                      "'synthetic_actions', 'video_folder', 'ucf101'")
 
 
+def local_data_dir(data: ml_collections.ConfigDict) -> str | None:
+    """Where the dataset's files are read: `data.data_dir` (None: tfds's default), or for a
+    bucket (`gs://...`) a local mirror of it under `data.cache_dir` (default
+    ~/.cache/dmd_jax/datasets): array_record files are read through local files only."""
+    if not data.data_dir or files.is_local(data.data_dir):
+        return data.data_dir or None
+    root = data.get("cache_dir") or os.path.join(os.path.expanduser("~"), ".cache", "dmd_jax",
+                                                 "datasets")
+    name = hashlib.sha256(str(data.data_dir).encode()).hexdigest()[:10]
+    return os.path.join(root, name)
+
+
+def _remote_copy(builder: tfds.core.DatasetBuilder,
+                 data: ml_collections.ConfigDict):
+    """The bucket folder that mirrors the builder's local dataset folder (None if local)."""
+    if not data.data_dir or files.is_local(data.data_dir):
+        return None
+    relative = os.path.relpath(os.fspath(builder.data_path), local_data_dir(data))
+    return files.path(data.data_dir) / relative
+
+
 def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """Returns a prepared builder; generates it first when `data.prepare` allows.
 
     The main host decides and writes; every host raises the same error or waits for the
-    files, so no host is left hanging at a barrier."""
+    files, so no host is left hanging at a barrier. With a bucket as data_dir, every host
+    reads a local mirror: copied from the bucket when the bucket has the dataset, else
+    prepared by the main host and uploaded for the others (and for later runs)."""
     builder = make_builder(data)
+    remote = _remote_copy(builder, data)
+    if remote is not None and not builder.is_prepared() and _download(remote, builder):
+        builder = make_builder(data)  # reads the downloaded dataset's info
     missing = bool(parallel.broadcast_from_main(np.asarray(not builder.is_prepared())))
     if missing and not data.prepare:
         raise DatasetNotPreparedError(
@@ -74,8 +103,44 @@ def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         print(f"Preparing dataset {builder.name}/{builder.builder_config.name} in "
               f"{builder.data_dir_root} (once) ...", flush=True)
         builder.download_and_prepare()
+        if remote is not None:
+            _upload(builder, remote)
     parallel.barrier("dataset prepared")
-    return builder if parallel.is_main_process() else make_builder(data)
+    if parallel.is_main_process():
+        return builder
+    builder = make_builder(data)
+    if remote is not None and not builder.is_prepared() and _download(remote, builder):
+        builder = make_builder(data)
+    return builder
+
+
+_COMPLETE = "dataset_info.json"  # tfds counts a dataset folder as prepared once it has this
+
+
+def _upload(builder: tfds.core.DatasetBuilder, remote) -> None:
+    """The local dataset folder to the bucket, its completion marker last."""
+    local = files.path(builder.data_path)
+    for path in sorted(files.walk_files(local), key=lambda p: p.name == _COMPLETE):
+        files.write_bytes(remote / path.relative_to(local), path.read_bytes())
+
+
+def _download(remote, builder: tfds.core.DatasetBuilder) -> bool:
+    """The bucket's copy of the dataset into the local mirror, if the bucket has one
+    (False if not): into a temporary folder renamed when complete, so a killed copy is
+    never read."""
+    if not (remote / _COMPLETE).exists():
+        return False
+    local = files.path(builder.data_path)
+    staging = local.parent / f".{local.name}.download.{os.getpid()}"
+    for path in files.walk_files(remote):
+        target = staging / path.relative_to(remote)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(path.read_bytes())
+    if local.exists():  # another process finished first
+        staging.rmtree()
+    else:
+        staging.rename(local)
+    return True
 
 
 def dataset_identity(builder: tfds.core.DatasetBuilder,

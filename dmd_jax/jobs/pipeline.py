@@ -31,13 +31,14 @@ HEADLINES = ("eval_accuracy", "steps", "examples_per_sec", "param_fingerprint", 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     config_utils.check_sections(config, "pipeline", SECTIONS)
     missing = [name for name in config.stage_order if name not in config.stages]
-    unused = sorted(set(config.stages) - set(config.stage_order))
-    if missing or unused:
+    if missing:
         raise config_utils.ConfigSectionError(
-            f"config.stage_order {tuple(config.stage_order)} and config.stages "
-            f"{sorted(config.stages)} must name the same stages (missing: {missing}, "
-            f"never run: {unused})")
+            f"config.stage_order names stages {missing} that config.stages lacks; it has "
+            f"{sorted(config.stages)}")
     staged = {name: stage_config(config, name, workdir) for name in config.stage_order}
+    skipped = sorted(set(config.stages) - set(config.stage_order))
+    if skipped:  # `--config.stage_order=...` runs part of a pipeline; say what is left out
+        reporting.log(f"[pipeline] skipping stages {skipped} (not in config.stage_order)")
     files.ensure_workdir(workdir)  # after every stage's config is checked
     files.write_json(files.path(workdir) / "config.json", config.to_dict())
     summary: dict[str, Any] = {"stages": {}}
