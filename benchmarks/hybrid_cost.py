@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.demo_models import CLOUD_DIR, EDGE_DIR, demo_or_random, random_model
 from configs import demo
-from dmd_jax import flops, hybrid, parallel, routers
+from dmd_jax import hybrid, parallel, routers
 from dmd_jax.model_store import LoadedModel
 from dmd_jax.routers.switcher import Switcher, probability
 

@@ -18,7 +18,8 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     """`path.py[:arg]` -> `get_config(arg)`, as ml_collections' config_flags does."""
     path, _, arg = spec.partition(":")
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path!r} does not exist")
+        raise ConfigFileNotFoundError(f"config file {path!r} does not exist (the path is "
+                                      f"relative to {os.getcwd()})")
     module_spec = importlib.util.spec_from_file_location("_dmd_config", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
@@ -54,6 +55,18 @@ def unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def missing_config_file(argv: list[str]) -> str | None:
+    """Says so when `--config` names a file that does not exist (absl would fail later,
+    inside a traceback)."""
+    spec = _flag_value(argv, "config")
+    if spec is None:
+        return None
+    path = spec.partition(":")[0]
+    if os.path.isfile(path):
+        return None
+    return f"config file {path!r} does not exist (relative to {os.getcwd()})"
+
+
 def _flag_value(argv: list[str], name: str) -> str | None:
     for i, arg in enumerate(argv):
         if arg.startswith(f"--{name}="):
@@ -66,17 +79,22 @@ def _flag_value(argv: list[str], name: str) -> str | None:
 RUN_KEYS = ("job", "seed", "num_devices", "overwrite")  # what every job takes
 
 
+class ConfigFileNotFoundError(UserError, FileNotFoundError):
+    """--config names a file that does not exist."""
+
+
 class ConfigSectionError(UserError, ValueError):
     """A config holds sections its job does not read, or lacks ones it does."""
 
 
 def check_sections(config: ml_collections.ConfigDict, job: str, sections: tuple[str, ...],
-                   where: str = "config") -> None:
-    """The config of `job` has exactly its `sections` (and the run-wide keys): a section no
-    job reads would be silently ignored, so it is an error, as is a missing one."""
-    keys = set(config.keys())
-    missing = [s for s in sections if s not in keys]
-    extra = sorted(keys - set(sections) - set(RUN_KEYS))
+                   where: str = "config", keys: dict[str, tuple[str, ...]] | None = None) -> None:
+    """The config of `job` has exactly its `sections` (and the run-wide keys), and each
+    section in `keys` exactly those keys: a setting no job reads would be silently
+    ignored, so it is an error, as is a missing one."""
+    present = set(config.keys())
+    missing = [s for s in sections if s not in present]
+    extra = sorted(present - set(sections) - set(RUN_KEYS))
     if missing:
         unread = f", and its {', '.join(extra)} would go unread" if extra else ""
         raise ConfigSectionError(
@@ -88,6 +106,23 @@ def check_sections(config: ml_collections.ConfigDict, job: str, sections: tuple[
             f"{where}.{extra[0]} is not read by the {job!r} job (it reads "
             f"{', '.join(sections)}): remove it, or run the job that reads it (e.g. the "
             "config variant of that stage)")
+    for section, allowed in (keys or {}).items():
+        check_keys(config[section], allowed, f"{where}.{section}", f"the {job!r} job")
+
+
+def check_keys(section: ml_collections.ConfigDict, allowed: tuple[str, ...], where: str,
+               reader: str) -> None:
+    """`section` has exactly the keys `allowed` (what `reader` reads)."""
+    present = set(section.keys())
+    extra, missing = sorted(present - set(allowed)), sorted(set(allowed) - present)
+    if extra:
+        near = difflib.get_close_matches(extra[0], allowed, n=2, cutoff=0.5)
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise ConfigSectionError(f"{where}.{extra[0]} is not a setting {reader} reads{hint}; "
+                                 f"it reads {', '.join(allowed)}")
+    if missing:
+        raise ConfigSectionError(f"{where} lacks {', '.join(missing)}, which {reader} reads; "
+                                 "start from a config variant that has them")
 
 
 def run_with_clear_errors(fn: Callable[[], Any]) -> Any:

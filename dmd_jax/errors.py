@@ -11,3 +11,15 @@ class UserError(Exception):
 
 class NonFiniteLossError(UserError, FloatingPointError):
     """Training diverged; raised before the diverged state could be checkpointed."""
+
+
+class ConfigValueError(UserError, ValueError):
+    """A config value outside what the setting accepts; the message gives the range."""
+
+
+def check_positive(section, keys: tuple[str, ...], where: str, minimum: int = 1) -> None:
+    """Sizes, counts and intervals: integers of at least `minimum`, or one clear error."""
+    for key in keys:
+        value = section[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ConfigValueError(f"{where}.{key}={value!r} must be an integer >= {minimum}")

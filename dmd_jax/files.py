@@ -13,11 +13,15 @@ Cloud TPU users use) as well as a local folder. Writers are safe on a pod and af
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import os
+import socket
 import tempfile
-from typing import Any, Mapping
+import time
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from etils import epath
@@ -60,6 +64,82 @@ def ensure_workdir(workdir: PathLike) -> None:
             "--workdir you can write to") from err
 
 
+class WorkdirInUseError(UserError, RuntimeError):
+    """Another process is running a job in this workdir."""
+
+
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: PathLike) -> Iterator[None]:
+    """Owns `workdir` for one process while a job runs (the main host's; other hosts of a
+    pod run the same job): a second job there stops at once instead of corrupting the
+    first one's files. A lock left by a process that died on this machine is taken over
+    with a warning; one from another machine names its owner and how to clear it."""
+    if not parallel.is_main_process():
+        yield
+        return
+    lock = path(workdir) / LOCK_FILE
+    owner = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
+    _claim(lock, owner)
+    try:
+        yield
+    finally:
+        if lock.exists() and _read_owner(lock) == owner:
+            lock.unlink()
+
+
+def _claim(lock: epath.Path, owner: dict[str, Any]) -> None:
+    text = json.dumps(owner)
+    if is_local(lock):
+        while True:
+            try:
+                fd = os.open(os.fspath(lock), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                _refuse_or_clear(lock)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            return
+    if lock.exists():  # buckets: no exclusive create here; a check, then the write
+        _refuse_or_clear(lock)
+    lock.write_text(text)
+
+
+def _refuse_or_clear(lock: epath.Path) -> None:
+    """Raises if the lock's owner may be alive; removes a lock its dead owner left."""
+    other = _read_owner(lock)
+    if other and other.get("host") == socket.gethostname() and not _alive(other.get("pid")):
+        logging.warning("workdir lock %s was left by process %s, which is gone; taking it over",
+                        lock, other.get("pid"))
+        lock.unlink()
+        return
+    who = (f"process {other.get('pid')} on {other.get('host')} (since "
+           f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(other.get('since', 0)))})"
+           if other else "another process")
+    raise WorkdirInUseError(
+        f"workdir {os.fspath(lock.parent)!r} is in use by {who}: wait for that job, use another "
+        f"--workdir, or, if that process no longer runs, delete {os.fspath(lock)}")
+
+
+def _read_owner(lock: epath.Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(lock.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):
+        return True  # someone else's process, or an unreadable pid: assume alive
+    return True
+
+
 def write_bytes(target: PathLike, data: bytes) -> None:
     """Writes `data` to `target` atomically (main host only)."""
     if not parallel.is_main_process():
@@ -72,9 +152,16 @@ def write_bytes(target: PathLike, data: bytes) -> None:
     folder = os.fspath(target.parent)
     with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{target.name}.", suffix=".tmp",
                                      delete=False) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        except OSError as err:  # e.g. no space left: nothing half-written stays behind
+            f.close()
+            os.unlink(f.name)
+            raise WorkdirError(f"cannot write {os.fspath(target)} ({err.strerror or err}); "
+                               "the previous version, if any, is untouched: free space or "
+                               "fix the folder and run again") from err
     os.chmod(f.name, 0o666 & ~_umask())
     os.replace(f.name, os.fspath(target))
 

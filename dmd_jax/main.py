@@ -32,13 +32,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"config.job={config.job!r} is not a job; available: "
                              f"{sorted(jobs.JOBS)}")
     job = jobs.module(config.job)
-    config_utils.check_sections(config, config.job, job.SECTIONS)  # before any host starts
+    config_utils.check_sections(config, config.job, job.SECTIONS, keys=job.KEYS)  # before any host starts
     parallel.maybe_initialize_distributed()
     job.run(config, _WORKDIR.value)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with unknown config keys reported as one clear line."""
+    """absl's flag parsing, with a missing config file and unknown config keys reported
+    as one clear line."""
+    missing = config_utils.missing_config_file(argv)
+    if missing:
+        sys.exit(f"error: {missing}")
     try:
         return flags.FLAGS(argv)
     except Exception as err:  # noqa: BLE001 - ml_collections raises AttributeError, absl Error

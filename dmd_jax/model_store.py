@@ -32,6 +32,10 @@ class ModelNotFoundError(UserError, FileNotFoundError):
     """The configured model directory does not hold a complete exported model."""
 
 
+class CorruptModelError(UserError, ValueError):
+    """A model directory whose files cannot be read as the model its model.json describes."""
+
+
 class ClassMismatchError(UserError, ValueError):
     """A model predicts other classes than the dataset it is used on."""
 
@@ -103,14 +107,26 @@ def load(directory: str, role: str = "model", runtime: Mapping[str, Any] | None 
             "one with the train job (it exports to WORKDIR/model) or convert one with "
             "`python -m dmd_jax.convert`, then point the config at that directory")
     info = files.read_json(info_path)
+    missing = [k for k in ("model", "class_names", "input_shape", "shapes") if k not in info]
+    if missing:
+        raise CorruptModelError(f"{info_path} lacks {missing}: it was not written by dmd_jax or "
+                                "is damaged; export or convert the model again")
     model_config = ml_collections.ConfigDict(models.architecture(info["model"]))
     names = tuple(info["class_names"])
     module = models.build(model_config, len(names), runtime)
     expected = jax.eval_shape(
         lambda: module.init(jax.random.key(0), jnp.zeros((1, *info["input_shape"]))))
     checkpoint.check_compatible(info["shapes"], dict(expected), directory)
-    variables = checkpoint.restore_everywhere(str(epath.Path(directory) / "variables"),
-                                              dict(expected))
+    try:
+        variables = checkpoint.restore_everywhere(str(epath.Path(directory) / "variables"),
+                                                  dict(expected))
+    except Exception as err:  # noqa: BLE001 - orbax/tensorstore raise many kinds
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        raise CorruptModelError(
+            f"the variables of model directory {directory!r} ({role}) cannot be read as the "
+            f"{model_config.name} its model.json describes ({type(err).__name__}: {first}); "
+            "the directory is incomplete, damaged or mixed with another model's files: export "
+            "or convert the model again") from err
     model = LoadedModel(module, dict(variables), model_config, names,
                         tuple(info["input_shape"]), info["source"], str(directory))
     if class_names is not None and tuple(class_names) != names:

@@ -17,6 +17,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from dmd_jax.errors import ConfigValueError
+
 DATA_AXIS = "data"
 
 
@@ -48,11 +50,11 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     devices = jax.devices()
     if num_devices:
         if num_devices > len(devices):
-            raise ValueError(
+            raise ConfigValueError(
                 f"config.num_devices={num_devices} but only {len(devices)} devices exist; "
                 "set --config.num_devices=0 to use all of them")
         if jax.process_count() > 1 and num_devices != len(devices):
-            raise ValueError("config.num_devices must be 0 (all devices) in a multi-host job")
+            raise ConfigValueError("config.num_devices must be 0 (all devices) in a multi-host job")
         devices = devices[:num_devices]
     return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                          devices=devices)
@@ -69,7 +71,7 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 def check_global_batch(global_batch_size: int, mesh: Mesh) -> None:
     """Fails early, and clearly, on a batch that cannot be split evenly."""
     if global_batch_size % mesh.size:
-        raise ValueError(
+        raise ConfigValueError(
             f"global batch size {global_batch_size} is not divisible by the {mesh.size} "
             f"devices of the mesh; choose a multiple of {mesh.size}")
 
@@ -78,7 +80,7 @@ def host_slice(global_batch_size: int) -> slice:
     """The rows of each global batch that this host loads."""
     count, index = jax.process_count(), jax.process_index()
     if global_batch_size % count:
-        raise ValueError(f"global batch {global_batch_size} does not split over {count} hosts")
+        raise ConfigValueError(f"global batch {global_batch_size} does not split over {count} hosts")
     per_host = global_batch_size // count
     return slice(index * per_host, (index + 1) * per_host)
 
@@ -111,7 +113,7 @@ def submesh_dividing(mesh: Mesh, *batch_sizes: int) -> Mesh:
             chosen = [d for h in hosts for d in per_host[h][:count // len(hosts)]]
             return jax.make_mesh((count,), (DATA_AXIS,), axis_types=(AxisType.Auto,),
                                  devices=chosen)
-    raise ValueError(f"batches of {sorted(set(batch_sizes))} rows cannot be split evenly over "
+    raise ConfigValueError(f"batches of {sorted(set(batch_sizes))} rows cannot be split evenly over "
                      f"the {len(hosts)} hosts; choose batch sizes that are multiples of "
                      f"{len(hosts)}")
 

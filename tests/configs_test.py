@@ -17,7 +17,8 @@ STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
 @pytest.mark.parametrize("variant", [f"{s}{t}" for s in STAGES for t in ("", ",tiny")])
 def test_demo_variants_hold_exactly_their_jobs_sections(variant):
     config = load_config(f"{DEMO}:{variant}")
-    config_utils.check_sections(config, config.job, jobs.module(config.job).SECTIONS)
+    job = jobs.module(config.job)
+    config_utils.check_sections(config, config.job, job.SECTIONS, keys=job.KEYS)
 
 
 @pytest.mark.parametrize("dataset", DATASETS)
@@ -28,7 +29,8 @@ def test_every_stage_has_every_key_its_job_reads(dataset, stage):
     real = load_config(f"{REAL}:{dataset},{stage}")
     demo = load_config(f"{DEMO}:{stage}")
     assert real.job == demo.job
-    config_utils.check_sections(real, real.job, jobs.module(real.job).SECTIONS)
+    job = jobs.module(real.job)
+    config_utils.check_sections(real, real.job, job.SECTIONS, keys=job.KEYS)
     # The synthetic dataset's own keys; fine-tuning takes the architecture from init_from.
     not_needed = ("data.split_sizes", "data.ceiling_cameras", "model.")
     missing = {k for k in set(flat_keys(demo)) - set(flat_keys(real))
@@ -68,3 +70,21 @@ def test_bad_argument_names_the_choices():
         load_config(f"{REAL}:ucf,edge")
     with pytest.raises(ValueError, match="DATASET,STAGE"):
         load_config(f"{REAL}:ucf101")
+
+
+def test_a_misspelt_setting_in_a_config_file_is_refused(tmp_path):
+    """Keys inside a section are checked too: a config file of one's own with a typo
+    (which no override check sees) stops with the nearest key."""
+    from conftest import tiny_config
+    from dmd_jax.jobs import label, train
+
+    config = tiny_config(str(tmp_path))
+    config.train.learing_rate = 0.1
+    with pytest.raises(config_utils.ConfigSectionError,
+                       match="config.train.learing_rate.*did you mean learning_rate"):
+        train.run(config, str(tmp_path / "run"))
+    config = tiny_config(str(tmp_path), "label")
+    del config.label.chunk_size
+    with pytest.raises(config_utils.ConfigSectionError, match="config.label lacks chunk_size"):
+        label.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

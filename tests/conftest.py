@@ -47,6 +47,18 @@ def tiny_config(data_dir: str, stage: str = "edge", **overrides):
     return config
 
 
+def dataset_config(data_dir: str, name: str, **overrides):
+    """The tiny config's `data` as another dataset's: its own keys (`root`, `tfds_config`)
+    instead of the synthetic dataset's, with `overrides`."""
+    data = tiny_config(data_dir).data
+    del data.split_sizes, data.ceiling_cameras
+    data.name = name
+    data.update({"video_folder": {"root": ""}, "ucf101": {"tfds_config": "ucf101_1_256"}}.get(
+        name, {}))
+    data.update(overrides)
+    return data
+
+
 def _built_once(tmp_path_factory, worker_id: str, testrun_uid: str, name: str, build) -> str:
     """`build(path)` once per test run, whichever xdist worker asks first; its path.
 

@@ -37,6 +37,9 @@ def convert(family_name: str, src: str, out: str, frames: int | None = None,
     which has none: 16 and 224): the clip shape the jobs will feed it.
     """
     rules = family(family_name)
+    if epath.Path(out).exists() and not epath.Path(out).is_dir():
+        raise mapping.ConversionError(f"--out {out!r} is a file, not a model directory: "
+                                      "choose a directory path")
     weights, config_json = reader.find_checkpoint(src, rules.USES_CONFIG)
     state_dict = reader.read_state_dict(weights)
     hf = hf_config.HFConfig(config_json, family_name) if config_json is not None else None

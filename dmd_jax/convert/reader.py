@@ -62,7 +62,12 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """Parameter name -> float32/int numpy array, from a safetensors or torch file."""
     if path.endswith(".safetensors"):
         from safetensors.numpy import load_file
-        return dict(load_file(path))
+        try:
+            return dict(load_file(path))
+        except Exception as err:  # noqa: BLE001 - safetensors' own error types vary
+            raise CheckpointFormatError(
+                f"{path!r} is not a readable .safetensors file ({_first_line(err)}); it is "
+                "truncated or damaged: download it again") from err
     if not path.endswith(TORCH_SUFFIXES):
         raise CheckpointFormatError(
             f"{path!r}: unknown checkpoint format; expected .safetensors or one of "
@@ -87,6 +92,10 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
             f"arbitrary code, so it was refused ({str(err).splitlines()[0]}). Use a "
             ".safetensors version of this checkpoint, or re-save only its state_dict "
             "from code you trust.") from err
+    except (RuntimeError, EOFError, OSError, ValueError) as err:
+        raise CheckpointFormatError(
+            f"{path!r} is not a readable PyTorch checkpoint ({_first_line(err)}); it is "
+            "truncated or damaged: download it again") from err
     for key in NESTED_KEYS:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -94,3 +103,8 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         raise CheckpointFormatError(f"{path!r} does not hold a state dict (found {type(obj)})")
     return {k: v.detach().float().numpy() if v.is_floating_point() else v.numpy()
             for k, v in obj.items() if torch.is_tensor(v)}
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:200]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import hashlib
 import json
 import multiprocessing
@@ -20,6 +21,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dmd_jax.data import synthetic, video_folder
+from dmd_jax.errors import ConfigValueError
 
 
 def _video_features(frames: int, height: int, width: int,
@@ -51,7 +53,7 @@ class SyntheticActionsConfig(tfds.core.BuilderConfig):
         ceiling_cameras = {k: float(v) for k, v in (ceiling_cameras or {}).items() if v}
         unknown = set(ceiling_cameras) - set(split_sizes)
         if unknown:
-            raise ValueError(f"ceiling-camera fractions for splits the dataset does not have: "
+            raise ConfigValueError(f"ceiling-camera fractions for splits the dataset does not have: "
                              f"{sorted(unknown)}; its splits are {sorted(split_sizes)}")
         content = json.dumps([synthetic.RENDERER_VERSION, dataclasses.asdict(render),
                               split_sizes, seed, ceiling_cameras], sort_keys=True)
@@ -131,6 +133,7 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         """Named by the folder's path, its contents (`video_folder.listing_digest`) and the
         clip shape: a changed folder is prepared anew."""
         root = os.path.abspath(root)
+        video_folder.check_layout(root)  # before any work: empty classes and splits are errors
         content = video_folder.listing_digest(root)
         digest = hashlib.sha256(f"{root}|{frames}|{size}|{content}".encode()).hexdigest()[:10]
         name = f"{os.path.basename(root.rstrip('/')) or 'root'}_f{frames}_{size}_{digest}"
@@ -152,8 +155,23 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
                 for split in video_folder.split_names(root)}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
+        """Decodable videos only: one that PyAV cannot read is skipped with a warning
+        naming it (and listed in `skipped_videos.json` of the prepared dataset)."""
         c = self.builder_config
         classes = video_folder.class_names(c.root)
-        for i, (path, label) in enumerate(video_folder.list_videos(c.root, split, classes)):
-            clip = video_folder.decode(path, c.frames, c.size)
+        i = 0
+        for path, label in video_folder.list_videos(c.root, split, classes):
+            try:
+                clip = video_folder.decode(path, c.frames, c.size)
+            except video_folder.VideoDecodeError as err:
+                logging.warning("skipping a video: %s", err)
+                self.skipped.append(path)
+                continue
             yield i, {"video": clip, "label": label, "id": i}
+            i += 1
+
+    @property
+    def skipped(self) -> list[str]:
+        if not hasattr(self, "_skipped"):
+            self._skipped = []
+        return self._skipped

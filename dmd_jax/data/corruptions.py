@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmd_jax.errors import ConfigValueError
+
 Corruption = Callable[[jnp.ndarray, int, jax.Array], jnp.ndarray]
 
 
@@ -170,9 +172,9 @@ def corrupt(clip: jnp.ndarray, name: str, severity: int, key: jax.Array) -> jnp.
     `name` and `severity` are static (Python values): jit with them as static arguments.
     """
     if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; available: {sorted(CORRUPTIONS)}")
+        raise ConfigValueError(f"unknown corruption {name!r}; available: {sorted(CORRUPTIONS)}")
     if severity not in (1, 2, 3, 4, 5):
-        raise ValueError(f"severity must be 1-5, got {severity}")
+        raise ConfigValueError(f"severity must be 1-5, got {severity}")
     dtype = clip.dtype
     x = clip.astype(jnp.float32) / 255.0
     y = jnp.clip(CORRUPTIONS[name](x, severity, key), 0.0, 1.0) * 255.0

@@ -22,9 +22,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from dmd_jax import files, parallel
+from dmd_jax import config_utils, files, parallel
 from dmd_jax.data import builders, synthetic
-from dmd_jax.errors import UserError
+from dmd_jax.errors import ConfigValueError, UserError, check_positive
 
 # Kinetics statistics, as pytorchvideo's X3D and VideoMAE checkpoints expect.
 MEAN = (0.45, 0.45, 0.45)
@@ -35,9 +35,31 @@ class DatasetNotPreparedError(UserError, FileNotFoundError):
     """The dataset is not on disk and the config does not allow preparing it."""
 
 
+class DatasetWriteError(UserError, OSError):
+    """The dataset cannot be prepared where the config says."""
+
+
+class DatasetCorruptError(UserError, ValueError):
+    """A prepared dataset's files cannot be read."""
+
+
+class TensorFlowNeededError(UserError, ModuleNotFoundError):
+    """A tfds builder that decodes with TensorFlow, which is not installed."""
+
+
+# config.data: the keys every dataset takes, and each dataset's own.
+DATA_KEYS = ("name", "data_dir", "cache_dir", "prepare", "seed", "frames", "size", "split_specs")
+DATASET_KEYS = {"synthetic_actions": ("split_sizes", "ceiling_cameras"),
+                "video_folder": ("root",), "ucf101": ("tfds_config",)}
+
+
 def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The tfds builder that `config.data` names (array_record files, no TensorFlow),
     on local disk: a bucket's data_dir is mirrored locally (`local_data_dir`)."""
+    if data.name in DATASET_KEYS:
+        config_utils.check_keys(data, DATA_KEYS + DATASET_KEYS[data.name], "config.data",
+                                f"dataset {data.name!r}")
+    check_positive(data, ("frames", "size"), "config.data")
     common = dict(data_dir=local_data_dir(data), file_format="array_record")
     if data.name == "synthetic_actions":
         render = synthetic.RenderConfig(frames=data.frames, height=data.size, width=data.size)
@@ -52,12 +74,12 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         return builders.VideoFolder.for_folder(data.root, data.frames, data.size, **common)
     if data.name == "ucf101":
         if importlib.util.find_spec("tensorflow") is None:
-            raise ModuleNotFoundError(
+            raise TensorFlowNeededError(
                 "tfds's ucf101 builder decodes its videos with TensorFlow, which is not "
                 "installed: `pip install tensorflow`, or lay UCF101 out as a folder of videos "
                 "and use configs/video_folder.py")
         return tfds.builder(f"ucf101/{data.tfds_config}", **common)
-    raise ValueError(f"unknown config.data.name {data.name!r}; expected one of "
+    raise ConfigValueError(f"unknown config.data.name {data.name!r}; expected one of "
                      "'synthetic_actions', 'video_folder', 'ucf101'")
 
 
@@ -102,7 +124,17 @@ def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     if missing and parallel.is_main_process():
         print(f"Preparing dataset {builder.name}/{builder.builder_config.name} in "
               f"{builder.data_dir_root} (once) ...", flush=True)
-        builder.download_and_prepare()
+        try:
+            builder.download_and_prepare()
+        except OSError as err:
+            raise DatasetWriteError(
+                f"cannot prepare dataset {builder.name} in {builder.data_dir_root} "
+                f"({err.strerror or err}); pass a writable --config.data.data_dir") from err
+        skipped = getattr(builder, "skipped", [])
+        if skipped:  # undecodable videos, each named in a warning as it was skipped
+            print(f"Skipped {len(skipped)} undecodable video(s); listed in "
+                  f"{files.path(builder.data_path) / SKIPPED_FILE}", flush=True)
+        files.write_json(files.path(builder.data_path) / SKIPPED_FILE, {"skipped": skipped})
         if remote is not None:
             _upload(builder, remote)
     parallel.barrier("dataset prepared")
@@ -114,7 +146,14 @@ def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     return builder
 
 
-_COMPLETE = "dataset_info.json"  # tfds counts a dataset folder as prepared once it has this
+_COMPLETE = "dataset_info.json"
+SKIPPED_FILE = "skipped_videos.json"
+
+
+def skipped_videos(builder: tfds.core.DatasetBuilder) -> list[str]:
+    """The video files left out of the prepared dataset because they could not be decoded."""
+    path = files.path(builder.data_path) / SKIPPED_FILE
+    return files.read_json(path)["skipped"] if path.exists() else []  # tfds counts a dataset folder as prepared once it has this
 
 
 def _upload(builder: tfds.core.DatasetBuilder, remote) -> None:
@@ -167,14 +206,20 @@ class Split:
         for part in split.split("+"):
             base = part.split("[", 1)[0]
             if base not in builder.info.splits:
-                raise ValueError(f"dataset {builder.name} has no split {base!r}; it has "
+                raise ConfigValueError(f"dataset {builder.name} has no split {base!r}; it has "
                                  f"{sorted(builder.info.splits)} (slices like 'train[:80%]' "
                                  "and joins like 'train+test' work)")
         self.name = name or split  # the jobs' name for it (output folders, logs)
         if builder.info.splits[split].num_examples == 0:
             raise UserError(f"split {self.name!r} ({split!r} of {builder.name}) holds no clips: "
                             "widen its slice in config.data.split_specs")
-        self._source = builder.as_data_source(split=split)
+        self._folder = builder.data_path
+        try:
+            self._source = builder.as_data_source(split=split)
+        except (RuntimeError, OSError) as err:
+            raise DatasetCorruptError(
+                f"the prepared dataset in {builder.data_path} cannot be opened ({err}): delete "
+                "that folder and run again to prepare it anew") from err
         self._frames, self._size = frames, size
         self.num_classes = builder.info.features["label"].num_classes
         self.class_names = tuple(builder.info.features["label"].names)
@@ -183,7 +228,14 @@ class Split:
         return len(self._source)
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        examples = self._source.__getitems__([int(i) for i in indices])
+        try:
+            examples = self._source.__getitems__([int(i) for i in indices])
+        except (RuntimeError, OSError, ValueError) as err:  # array_record's reader errors
+            first = (str(err).strip().splitlines() or [""])[0][:200]
+            raise DatasetCorruptError(
+                f"split {self.name!r} of the prepared dataset in {self._folder} cannot be read "
+                f"({first}): its files are truncated or damaged. Delete that folder and run "
+                "again to prepare the dataset anew.") from err
         return {
             "video": np.stack([_fit_clip(e["video"], self._frames, self._size) for e in examples]),
             "label": np.asarray([e["label"] for e in examples], np.int32),

@@ -23,6 +23,7 @@ import numpy as np
 
 from dmd_jax import parallel
 from dmd_jax.data import corruptions, pipeline
+from dmd_jax.errors import ConfigValueError
 
 PROTOCOLS = ("reset", "continual", "mixed")
 
@@ -49,7 +50,7 @@ def clip_order(num_clips: int, batch_size: int, seed: int) -> np.ndarray:
     cut to whole batches (so every batch, and every normalisation statistic, is full)."""
     usable = num_clips - num_clips % batch_size
     if usable == 0:
-        raise ValueError(f"the stream split has {num_clips} clips, fewer than one batch "
+        raise ConfigValueError(f"the stream split has {num_clips} clips, fewer than one batch "
                          f"of {batch_size}; lower config.adapt.batch_size")
     return np.random.default_rng(seed).permutation(num_clips)[:usable]
 
@@ -61,10 +62,10 @@ def make_streams(protocol: str, num_clips: int, corruption_names: tuple[str, ...
     Each corruption sees the clips in the same order (`clip_order`).
     """
     if protocol not in PROTOCOLS:
-        raise ValueError(f"unknown adapt protocol {protocol!r}; use one of {PROTOCOLS}")
+        raise ConfigValueError(f"unknown adapt protocol {protocol!r}; use one of {PROTOCOLS}")
     for name in corruption_names:
         if name not in corruptions.CORRUPTIONS:
-            raise ValueError(f"unknown corruption {name!r}; available: "
+            raise ConfigValueError(f"unknown corruption {name!r}; available: "
                              f"{sorted(corruptions.CORRUPTIONS)}")
     order = clip_order(num_clips, batch_size, seed)
     usable = len(order)

@@ -6,8 +6,10 @@ config sections it reads (besides the run-wide `job`, `seed`, `num_devices`, `ov
 
 from __future__ import annotations
 
+import functools
 import importlib
 import types
+from typing import Any, Callable
 
 # config.job -> the module implementing it.
 JOBS = {"train": "train", "label": "label", "train_switcher": "switcher",
@@ -16,3 +18,20 @@ JOBS = {"train": "train", "label": "label", "train_switcher": "switcher",
 
 def module(job: str) -> types.ModuleType:
     return importlib.import_module(f"{__name__}.{JOBS[job]}")
+
+
+def entry(name: str, sections: tuple[str, ...], keys: dict[str, tuple[str, ...]]):
+    """Decorates a job's `run(config, workdir)`: the config is checked against the
+    sections and keys the job reads before anything is written, then the workdir is
+    created, proven writable and owned by this process while the job runs."""
+    from dmd_jax import config_utils, files
+
+    def decorate(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        @functools.wraps(run)
+        def checked(config, workdir: str) -> dict[str, Any]:
+            config_utils.check_sections(config, name, sections, keys=keys)
+            files.ensure_workdir(workdir)
+            with files.workdir_lock(workdir):
+                return run(config, workdir)
+        return checked
+    return decorate

@@ -26,20 +26,23 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from dmd_jax import config_utils, files, model_store, parallel, reporting, stamps, tta
+from dmd_jax import files, jobs, model_store, parallel, reporting, stamps, tta
 from dmd_jax.data import pipeline, streams
+from dmd_jax.errors import check_positive
 from dmd_jax.tta.adaptable import Adaptable
 from dmd_jax.tta.base import BatchResult, Context, Method
 
 SECTIONS = ("data", "edge", "cloud", "adapt", "runtime")
+KEYS = {"edge": ("path",), "cloud": ("path",)}  # config.adapt: `tta.check`
 # The stream settings that determine a stream's outcome (with the method's own settings).
 _STREAM_KEYS = ("split", "protocol", "severities", "batch_size", "seed", "collapse_fraction")
 
 
+@jobs.entry("adapt", SECTIONS, KEYS)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    config_utils.check_sections(config, "adapt", SECTIONS)
-    files.ensure_workdir(workdir)
     cfg = config.adapt
+    check_positive(cfg, ("batch_size",), "config.adapt")
+    check_positive(cfg, ("log_every",), "config.adapt", minimum=0)
     tta.check(cfg)
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_global_batch(cfg.batch_size, mesh)
@@ -57,6 +60,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 "edge": edge_model.fingerprint,
                 "cloud": model_store.stored_fingerprint(config.cloud.path)}
     overwrite = config.get("overwrite", False)
+    # Every stream on disk is checked against this run's stamps before anything is
+    # written: a refused run leaves the workdir as it was (config.json included).
+    saved = {(name, stream.name): _saved_stream(
+                 _stream_path(workdir, cfg, name, stream), stream_stamp(cfg, name, stream, identity),
+                 f"{name} stream {stream.name}", overwrite)
+             for name in cfg.methods for stream in stream_list}
     files.write_json(files.path(workdir) / "config.json", config.to_dict())
 
     clean = _clean_accuracy(edge, split, cfg, mesh, workdir, identity, overwrite)
@@ -65,11 +74,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         method = None  # built on first need: a finished method costs nothing to resume
         results[name] = {}
         for stream in stream_list:
-            path = files.path(workdir) / cfg.protocol / name / f"{stream.name}.npz"
+            path = _stream_path(workdir, cfg, name, stream)
             stamp = stream_stamp(cfg, name, stream, identity)
-            saved = _saved_stream(path, stamp, f"{name} stream {stream.name}", overwrite)
-            if saved is not None:
-                results[name][stream.name] = saved
+            if saved[name, stream.name] is not None:
+                results[name][stream.name] = saved[name, stream.name]
                 continue
             method = method or tta.build(cfg, name, edge, _context(config, name, builder, mesh))
             method.reset()
@@ -85,6 +93,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _plot(os.path.join(workdir, "accuracy_vs_upload.png"), summary)
     reporting.log(f"[adapt] done: {os.path.join(workdir, 'report.md')}")
     return summary
+
+
+def _stream_path(workdir: str, cfg: ml_collections.ConfigDict, name: str,
+                 stream: streams.Stream):
+    return files.path(workdir) / cfg.protocol / name / f"{stream.name}.npz"
 
 
 def stream_stamp(cfg: ml_collections.ConfigDict, name: str, stream: streams.Stream,

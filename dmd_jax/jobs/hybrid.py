@@ -29,18 +29,21 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmd_jax import config_utils, files, flops, hybrid, model_store, reporting, routers, routing
+from dmd_jax import files, flops, hybrid, jobs, model_store, reporting, routers, routing
 from dmd_jax.data import labels
 from dmd_jax.errors import UserError
 
 SECTIONS = ("edge", "cloud", "hybrid", "runtime")
+KEYS = {"hybrid": ("label_dir", "switcher_dir", "routers", "deploy", "compare_with_max_prob",
+                   "calibration_split", "test_split", "compute_budget", "gflops_budget",
+                   "target_offload", "fusion", "bootstrap_resamples"),
+        "edge": ("path",), "cloud": ("path",)}
 FUSION_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 REFERENCES = ("random", "oracle")  # curves, not deployable routers
 
 
+@jobs.entry("evaluate_hybrid", SECTIONS, KEYS)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    config_utils.check_sections(config, "evaluate_hybrid", SECTIONS)
-    files.ensure_workdir(workdir)
     cfg = config.hybrid
     _check_router_names(cfg)
     calibration = labels.read_split(cfg.label_dir, cfg.calibration_split)

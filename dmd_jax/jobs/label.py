@@ -22,17 +22,19 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmd_jax import config_utils, files, model_store, parallel, reporting, stamps
+from dmd_jax import files, jobs, model_store, parallel, reporting, stamps
 from dmd_jax.data import labels, pipeline
-from dmd_jax.errors import UserError
+from dmd_jax.errors import UserError, check_positive
 
 SECTIONS = ("data", "edge", "cloud", "label", "runtime")
+KEYS = {"label": ("splits", "switcher_split", "batch_size", "chunk_size"),
+        "edge": ("path",), "cloud": ("path",)}
 
 
+@jobs.entry("label", SECTIONS, KEYS)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    config_utils.check_sections(config, "label", SECTIONS)
-    files.ensure_workdir(workdir)
     cfg = config.label
+    check_positive(cfg, ("batch_size", "chunk_size"), "config.label")
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_global_batch(cfg.batch_size, mesh)
     if cfg.chunk_size % cfg.batch_size:

@@ -22,14 +22,15 @@ import ml_collections
 from dmd_jax import config_utils, files, jobs, parallel, reporting
 
 SECTIONS = ("data", "runtime", "stage_order", "stages")
+KEYS: dict[str, tuple[str, ...]] = {}  # each stage is checked against its own job's
 SHARED = ("data", "runtime")  # given to every stage whose job reads them
 HEADLINES = ("eval_accuracy", "steps", "examples_per_sec", "param_fingerprint", "num_labelled",
              "agreement_rate", "switcher_auroc", "edge_accuracy", "cloud_accuracy",
              "operating_point", "mpc", "upload")
 
 
+@jobs.entry("pipeline", SECTIONS, KEYS)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    config_utils.check_sections(config, "pipeline", SECTIONS)
     missing = [name for name in config.stage_order if name not in config.stages]
     if missing:
         raise config_utils.ConfigSectionError(
@@ -39,8 +40,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     skipped = sorted(set(config.stages) - set(config.stage_order))
     if skipped:  # `--config.stage_order=...` runs part of a pipeline; say what is left out
         reporting.log(f"[pipeline] skipping stages {skipped} (not in config.stage_order)")
-    files.ensure_workdir(workdir)  # after every stage's config is checked
-    files.write_json(files.path(workdir) / "config.json", config.to_dict())
     summary: dict[str, Any] = {"stages": {}}
     for name, stage in staged.items():
         reporting.log(f"[pipeline] stage {name}: job {stage.job} in {workdir}/{name}")
@@ -51,6 +50,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if "hybrid" in summary["stages"]:
         summary.update(summary["stages"]["hybrid"])
     summary["devices"] = parallel.describe()
+    # Written when every stage has run: a stage that refuses (its stamp) changes nothing.
+    files.write_json(files.path(workdir) / "config.json", config.to_dict())
     files.write_json(files.path(workdir) / "summary.json", summary)
     if parallel.is_main_process():
         files.write_text(files.path(workdir) / "REPORT.md", report(summary, workdir))
@@ -111,7 +112,8 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
             stage[shared] = ml_collections.ConfigDict({**config[shared].to_dict(), **own})
     for key in ("seed", "num_devices", "overwrite"):
         stage[key] = config.get(key, False if key == "overwrite" else 0)
-    config_utils.check_sections(stage, stage.job, sections, where=f"config.stages.{name}")
+    config_utils.check_sections(stage, stage.job, sections, where=f"config.stages.{name}",
+                                keys=jobs.module(stage.job).KEYS)
     if "edge" in stage:
         stage.edge.path = os.path.join(workdir, "edge", "model")
     if "cloud" in stage and "teacher" in config.stage_order:  # else the config's own cloud

@@ -26,13 +26,16 @@ import numpy as np
 import optax
 from clu import metrics
 
-from dmd_jax import checkpoint, config_utils, files, parallel, reporting, routing, stamps
+from dmd_jax import checkpoint, files, jobs, parallel, reporting, routing, stamps
 from dmd_jax.data import labels, pipeline
-from dmd_jax.errors import NonFiniteLossError, UserError
+from dmd_jax.errors import NonFiniteLossError, UserError, check_positive
 from dmd_jax.routers import switcher as switcher_lib
 from dmd_jax.routers.switcher import Switcher
 
 SECTIONS = ("switcher",)
+KEYS = {"switcher": ("label_dir", "targets", "train_split", "eval_split", "hidden",
+                     "dropout_rate", "steps", "batch_size", "learning_rate", "weight_decay",
+                     "class_balance", "log_every", "checkpoint_every")}
 # Switcher settings that change what is logged or kept, or where it comes from.
 _BOOKKEEPING = ("log_every", "checkpoint_every", "label_dir", "eval_split", "targets")
 
@@ -49,10 +52,10 @@ SwitcherMetrics = metrics.Collection.create(
     accuracy=metrics.Average.from_output("accuracy"))
 
 
+@jobs.entry("train_switcher", SECTIONS, KEYS)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    config_utils.check_sections(config, "train_switcher", SECTIONS)
-    files.ensure_workdir(workdir)
     cfg = config.switcher
+    check_positive(cfg, ("steps", "batch_size", "log_every", "checkpoint_every"), "config.switcher")
     unknown = [t for t in cfg.targets if t not in labels.TARGETS]
     if unknown or not cfg.targets:
         raise UserError(f"config.switcher.targets={tuple(cfg.targets)}: each must be one of "
@@ -62,19 +65,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_data = labels.read_split(cfg.label_dir, cfg.train_split)
     eval_data = labels.read_split(cfg.label_dir, cfg.eval_split)
     label_identity = labels.stamp_digest(cfg.label_dir)
-    files.write_json(files.path(workdir) / "config.json", config.to_dict())
 
     summary: dict[str, Any] = {"targets": {}, "train_split": cfg.train_split,
                                "eval_split": cfg.eval_split}
-    for target in cfg.targets:
+    stamped = {}
+    for target in cfg.targets:  # every target checked before anything is written
         if target == "ground_truth" and np.any(train_data["ground_truth"] < 0):
             raise UserError(f"target 'ground_truth' needs labels, but split "
                             f"{cfg.train_split!r} has unlabelled clips; drop it from "
                             "config.switcher.targets")
+        stamped[target] = stamps.make(
+            {"switcher": {k: v for k, v in cfg.items() if k not in _BOOKKEEPING},
+             "seed": config.seed, "target": target}, {"labels": label_identity})
         out_dir = os.path.join(workdir, target)
-        stamp = stamps.make({"switcher": {k: v for k, v in cfg.items() if k not in _BOOKKEEPING},
-                             "seed": config.seed, "target": target},
-                            {"labels": label_identity})
+        ckpt_dir = files.path(out_dir) / "checkpoints"
+        stamps.check(stamps.read(files.path(out_dir) / stamps.STAMP_FILE), stamped[target],
+                     f"{target!r} switcher", out_dir, config.get("overwrite", False),
+                     has_results=ckpt_dir.exists() and any(ckpt_dir.iterdir()))
+    files.write_json(files.path(workdir) / "config.json", config.to_dict())
+    for target, stamp in stamped.items():
+        out_dir = os.path.join(workdir, target)
         ckpt_dir = files.path(out_dir) / "checkpoints"
         stamps.claim(out_dir, stamp, f"{target!r} switcher", config.get("overwrite", False),
                      has_results=ckpt_dir.exists() and any(ckpt_dir.iterdir()),

@@ -32,12 +32,15 @@ import numpy as np
 import optax
 from clu import metrics
 
-from dmd_jax import (checkpoint, config_utils, files, model_store, models, parallel,
-                     reporting, stamps)
+from dmd_jax import checkpoint, files, jobs, model_store, models, parallel, reporting, stamps
 from dmd_jax.data import pipeline
-from dmd_jax.errors import NonFiniteLossError, UserError
+from dmd_jax.errors import ConfigValueError, NonFiniteLossError, UserError, check_positive
 
 SECTIONS = ("data", "model", "train", "runtime")
+KEYS = {"train": ("split", "batch_size", "steps", "optimizer", "learning_rate", "warmup_steps",
+                  "schedule", "decay_fraction", "weight_decay", "momentum", "label_smoothing",
+                  "log_every", "eval_every", "eval_split", "eval_batch_size", "checkpoint_every",
+                  "keep_checkpoints", "init_from")}
 # Train settings that change what is logged or kept, not the trained model.
 _BOOKKEEPING = ("log_every", "eval_every", "eval_split", "eval_batch_size",
                 "checkpoint_every", "keep_checkpoints", "init_from")
@@ -60,7 +63,10 @@ class TrainState:
 TrainMetrics = metrics.Collection.create(
     loss=metrics.Average.from_output("loss"),
     accuracy=metrics.Average.from_output("accuracy"),
-    grad_norm=metrics.Average.from_output("grad_norm"))
+    grad_norm=metrics.Average.from_output("grad_norm"),
+    # Whether every parameter and optimiser value after the step is finite: a checkpoint
+    # is only written of a state that is (the loss alone is computed before the update).
+    state_finite=metrics.LastValue.from_output("state_finite"))
 
 
 def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
@@ -80,7 +86,8 @@ def make_schedule(train: ml_collections.ConfigDict) -> optax.Schedule:
              optax.constant_schedule(train.learning_rate),
              optax.cosine_decay_schedule(train.learning_rate, decay)],
             boundaries=[train.warmup_steps, train.warmup_steps + stable])
-    raise ValueError(f"unknown config.train.schedule {train.schedule!r}; use 'cosine' or 'wsd'")
+    raise ConfigValueError(f"unknown config.train.schedule {train.schedule!r}; use 'cosine' or "
+                           "'wsd'")
 
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -91,7 +98,8 @@ def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransforma
     if train.optimizer == "sgd":
         return optax.chain(optax.add_decayed_weights(train.weight_decay),
                            optax.sgd(schedule, momentum=train.momentum))
-    raise ValueError(f"unknown config.train.optimizer {train.optimizer!r}; use 'adamw' or 'sgd'")
+    raise ConfigValueError(f"unknown config.train.optimizer {train.optimizer!r}; use 'adamw' or "
+                           "'sgd'")
 
 
 def init_state(model, tx, clip_shape: tuple[int, ...], seed: int) -> TrainState:
@@ -145,9 +153,12 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
     new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, deltas),
                               batch_stats=updates.get("batch_stats", state.batch_stats),
                               opt_state=opt_state)
+    finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(
+        (new_state.params, new_state.batch_stats, new_state.opt_state))
+        if jnp.issubdtype(x.dtype, jnp.inexact)]))
     return new_state, TrainMetrics.single_from_model_output(
         loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == batch["label"]),
-        grad_norm=optax.global_norm(grads))
+        grad_norm=optax.global_norm(grads), state_finite=finite.astype(jnp.float32))
 
 
 def eval_logits(state: TrainState, video: jnp.ndarray, *, model,
@@ -175,10 +186,12 @@ def evaluate(eval_fn, state: TrainState, split: pipeline.Split, batch_size: int,
             "id": np.concatenate(ids)}
 
 
+@jobs.entry("train", SECTIONS, KEYS)
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-    config_utils.check_sections(config, "train", SECTIONS)
-    files.ensure_workdir(workdir)
     cfg = config.train
+    check_positive(cfg, ("batch_size", "eval_batch_size", "steps", "log_every", "eval_every",
+                         "checkpoint_every", "keep_checkpoints"), "config.train")
+    make_optimizer(cfg)  # an unknown optimizer or schedule stops here, before any work
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_global_batch(cfg.batch_size, mesh)
     parallel.check_global_batch(cfg.eval_batch_size, mesh)
@@ -271,6 +284,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "eval_split": cfg.eval_split,
         "train_split": train_split.name,
         "num_train_clips": len(train_split),
+        "skipped_videos": len(pipeline.skipped_videos(builder)),  # undecodable, left out
         "steps": int(state.step),
         "examples_per_sec": progress.examples_per_sec,
         "compile_seconds": compile_seconds,
@@ -334,15 +348,20 @@ def _maybe_resume(ckpt: checkpoint.Checkpointer, state: TrainState) -> tuple[Tra
 
 def _check_finite(values: dict[str, Any], step: int, ckpt: checkpoint.Checkpointer,
                   learning_rate: float) -> dict[str, float]:
-    """Stops at the first non-finite loss or gradient, before anything diverged is saved."""
+    """Stops at the first non-finite loss, gradient or state, before anything diverged is
+    saved: every checkpoint kept holds a finite state."""
     values = {k: float(v) for k, v in values.items()}
-    if not (np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+    finite = values.pop("state_finite") == 1.0
+    if not (finite and np.isfinite(values["loss"]) and np.isfinite(values["grad_norm"])):
+        ckpt.wait()
         last = ckpt.steps()
-        kept = f"the checkpoint of step {last[-1]} is intact" if last else "no checkpoint was written"
+        kept = (f"the last checkpoint, step {last[-1]}, holds a finite state (each is checked "
+                "before it is saved)" if last else "no checkpoint was written")
         raise NonFiniteLossError(
-            f"non-finite training loss ({values['loss']}) or gradient norm "
-            f"({values['grad_norm']}) by step {step}; nothing was saved from the diverged run "
-            f"and {kept}. Lower config.train.learning_rate (now {learning_rate}) or check "
+            f"training diverged by step {step} (loss {values['loss']}, gradient norm "
+            f"{values['grad_norm']}, parameters {'finite' if finite else 'not finite'}); "
+            f"nothing of the diverged run was saved and {kept}. Lower "
+            f"config.train.learning_rate (now {learning_rate}) in a fresh --workdir, or check "
             "the input data.")
     return values
 

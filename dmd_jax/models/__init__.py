@@ -30,7 +30,6 @@ import types
 from typing import Any, Mapping
 
 import jax.numpy as jnp
-import ml_collections
 
 import flax.linen as nn
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from dmd_jax import parallel
+from dmd_jax.errors import ConfigValueError
 
 # pytorchvideo's Kinetics recipe, which its X3D checkpoints were trained with.
 INPUT_STATS = ((0.45, 0.45, 0.45), (0.225, 0.225, 0.225))
@@ -132,7 +133,8 @@ class DepthwiseConv3D(nn.Module):
                 x, kernel, self.strides, _pad(self.kernel_size),
                 dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), feature_group_count=channels)
         if impl != "shifted":
-            raise ValueError(f"depthwise_impl must be 'auto', 'shifted' or 'xla', got {impl!r}")
+            raise ConfigValueError("config.runtime.depthwise_impl must be 'auto', 'shifted' or "
+                                   f"'xla', got {impl!r}")
         return _shifted_depthwise(x, kernel, self.strides)
 
 

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from einops import rearrange
 
 from dmd_jax import text as text_lib
+from dmd_jax.errors import ConfigValueError
 from dmd_jax.models.videomae import attention
 
 # CLIP's pixel statistics (converted checkpoints store their processor's own in model.json).
@@ -51,7 +52,8 @@ ACTIVATIONS: dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
 
 def activation(name: str) -> Callable[[jnp.ndarray], jnp.ndarray]:
     if name not in ACTIVATIONS:
-        raise ValueError(f"activation {name!r} is not supported; supported: {sorted(ACTIVATIONS)}")
+        raise ConfigValueError(f"activation {name!r} is not supported; supported: "
+                               f"{sorted(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 

@@ -70,6 +70,16 @@ def no_argument(name: str, arg: str) -> None:
                               f"{name}:{arg}; write {name!r}")
 
 
+def stateless(name: str, score: ScoreFn) -> Callable[[str, Context], Router]:
+    """The `router` function of a module whose router learns nothing and takes no `:ARG`
+    (the confidence routers): `router = routers.stateless("max_prob", score)`."""
+    def router(arg: str, context: Context) -> Router:
+        del context
+        no_argument(name, arg)
+        return Router(name, score)
+    return router
+
+
 def load(spec: str, context: Context) -> Router:
     """The router a `NAME[:ARG]` spec names."""
     name, _, arg = spec.partition(":")

@@ -1,7 +1,6 @@
 """`entropy`: the edge's predictive entropy; the most uncertain clips go first."""
 
-from dmd_jax import confidence
-from dmd_jax.routers import Context, Router, no_argument
+from dmd_jax import confidence, routers
 
 
 def score(params, features, logits):
@@ -9,7 +8,4 @@ def score(params, features, logits):
     return -confidence.entropy(logits)
 
 
-def router(arg: str, context: Context) -> Router:
-    del context
-    no_argument('entropy', arg)
-    return Router("entropy", score)
+router = routers.stateless("entropy", score)

@@ -1,7 +1,6 @@
 """`margin`: the gap between the edge's two most probable classes."""
 
-from dmd_jax import confidence
-from dmd_jax.routers import Context, Router, no_argument
+from dmd_jax import confidence, routers
 
 
 def score(params, features, logits):
@@ -9,7 +8,4 @@ def score(params, features, logits):
     return confidence.confidence_stats(logits)["margin"]
 
 
-def router(arg: str, context: Context) -> Router:
-    del context
-    no_argument('margin', arg)
-    return Router("margin", score)
+router = routers.stateless("margin", score)

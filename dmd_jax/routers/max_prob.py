@@ -1,7 +1,6 @@
 """`max_prob`: the edge's top softmax probability (confidence deferral, Chow's rule)."""
 
-from dmd_jax import confidence
-from dmd_jax.routers import Context, Router, no_argument
+from dmd_jax import confidence, routers
 
 
 def score(params, features, logits):
@@ -9,7 +8,4 @@ def score(params, features, logits):
     return confidence.confidence_stats(logits)["max_prob"]
 
 
-def router(arg: str, context: Context) -> Router:
-    del context
-    no_argument('max_prob', arg)
-    return Router("max_prob", score)
+router = routers.stateless("max_prob", score)

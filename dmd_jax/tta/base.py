@@ -67,6 +67,35 @@ def nothing(batch_size: int) -> np.ndarray:
     return np.zeros(batch_size, bool)
 
 
+class ForwardOnly:
+    """A method that adapts nothing: its predictions come from one jitted forward pass of
+    `variables(edge)` (an argument, not a constant) through `forward(edge, v, clips)`."""
+
+    SETTINGS: tuple[str, ...] = ()
+
+    def __init__(self, edge: Adaptable, cfg: ml_collections.ConfigDict, context: Context):
+        del cfg
+        self.name = context.name
+        batch = parallel.batch_sharded(context.mesh)
+        self._variables = parallel.put_replicated(self.variables(edge), context.mesh)
+        self._forward = jax.jit(lambda v, clips: self.forward(edge, v, clips),
+                                in_shardings=(parallel.replicated(context.mesh), batch),
+                                out_shardings=batch)
+
+    def variables(self, edge: Adaptable) -> Any:
+        raise NotImplementedError
+
+    def forward(self, edge: Adaptable, variables: Any, clips: jax.Array) -> jax.Array:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        pass
+
+    def process(self, clips: jax.Array) -> BatchResult:
+        logits = parallel.fetch(self._forward(self._variables, clips))
+        return BatchResult(logits, nothing(len(logits)), nothing(len(logits)))
+
+
 class GradientTTA:
     """Shared machinery of the gradient-based methods: state, SGD, one jitted step.
 

@@ -13,6 +13,7 @@ import ml_collections
 import optax
 
 from dmd_jax import parallel
+from dmd_jax.errors import ConfigValueError
 from dmd_jax.tta import filters, losses
 from dmd_jax.tta.adaptable import Adaptable, Params
 from dmd_jax.tta.base import Context, GradientTTA
@@ -85,6 +86,6 @@ def fisher_information(model: Adaptable, batches: Iterable[jax.Array], mesh) -> 
         total = g if total is None else jax.tree.map(jnp.add, total, g)
         count += 1
     if not count:
-        raise ValueError("EATA needs clean clips for its Fisher information; none were given "
+        raise ConfigValueError("EATA needs clean clips for its Fisher information; none were given "
                          "(config.adapt.eata.fisher_clips is below one stream batch?)")
     return jax.tree.map(lambda x: x / count, total)

@@ -6,7 +6,7 @@ import av
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import dataset_config, tiny_config
 from dmd_jax.data import builders, pipeline, synthetic
 
 
@@ -87,8 +87,7 @@ def video_root(tmp_path_factory):
 
 
 def test_video_folder_builder_decodes_resizes_and_labels(video_root, tmp_path):
-    config = tiny_config(str(tmp_path), **{"data.name": "video_folder", "data.root": video_root,
-                                           "data.frames": 4, "data.size": 24}).data
+    config = dataset_config(str(tmp_path), "video_folder", root=video_root, frames=4, size=24)
     builder = pipeline.prepare(config)
     assert builder.info.features["label"].names == ["bright", "dark"]
     assert set(builder.info.splits) == {"train", "test"}
@@ -118,8 +117,7 @@ def test_broken_video_is_named_in_the_error(tmp_path):
 
 
 def test_missing_video_folder_is_named(tmp_path):
-    config = tiny_config(str(tmp_path), **{"data.name": "video_folder",
-                                           "data.root": str(tmp_path / "nope")}).data
+    config = dataset_config(str(tmp_path), "video_folder", root=str(tmp_path / "nope"))
     with pytest.raises(FileNotFoundError, match="nope"):
         pipeline.prepare(config)
 
@@ -149,3 +147,54 @@ def test_real_config_splits_a_train_test_folder_into_the_four_splits(video_root,
     smaller = pipeline.Split(builder, "test", 2, 16).rows(np.arange(2))["video"]  # resized
     assert smaller.shape == (2, 2, 16, 16, 3)
     np.testing.assert_allclose(smaller.mean((1, 2, 3, 4)), stored.mean((1, 2, 3, 4)), atol=4)
+
+
+def test_undecodable_videos_are_skipped_named_and_counted(video_root, tmp_path, caplog):
+    import logging
+    import shutil
+
+    root = tmp_path / "videos"
+    shutil.copytree(video_root, root)
+    (root / "train" / "dark" / "zero.mp4").write_bytes(b"")
+    (root / "train" / "bright" / "garbage.avi").write_bytes(b"not a video at all")
+    config = dataset_config(str(tmp_path / "tfds"), "video_folder", root=str(root), frames=4,
+                            size=24)
+    with caplog.at_level(logging.WARNING):
+        builder = pipeline.prepare(config)
+    assert len(pipeline.Split(builder, "train", 4, 24)) == 4  # the 4 good ones
+    skipped = pipeline.skipped_videos(builder)
+    assert sorted(os.path.basename(p) for p in skipped) == ["garbage.avi", "zero.mp4"]
+    assert "garbage.avi" in caplog.text and "zero.mp4" in caplog.text
+
+
+@pytest.mark.parametrize("emptied", ["class", "split"])
+def test_an_empty_class_folder_or_split_is_refused_before_any_work(video_root, tmp_path,
+                                                                  emptied):
+    import shutil
+
+    root = tmp_path / "videos"
+    shutil.copytree(video_root, root)
+    folders = [root / "test" / "dark"] if emptied == "class" else [root / "test" / "dark",
+                                                                  root / "test" / "bright"]
+    for folder in folders:
+        for f in folder.iterdir():
+            f.unlink()
+    config = dataset_config(str(tmp_path / "tfds"), "video_folder", root=str(root))
+    with pytest.raises(builders.video_folder.VideoFolderError, match="test/(bright|dark).*no video"):
+        pipeline.prepare(config)
+    assert not (tmp_path / "tfds").exists()  # nothing prepared or written
+
+
+def test_a_folder_that_gained_a_class_is_another_dataset(video_root, tmp_path):
+    import shutil
+
+    root = tmp_path / "videos"
+    shutil.copytree(video_root, root)
+    config = dataset_config(str(tmp_path / "tfds"), "video_folder", root=str(root), frames=4,
+                            size=24)
+    before = pipeline.make_builder(config).builder_config.name
+    for split in ("train", "test"):
+        shutil.copytree(root / split / "dark", root / split / "grey")
+    after = pipeline.make_builder(config)
+    assert after.builder_config.name != before  # prepared anew, never read as the old data
+    assert list(after.info.features["label"].names) == ["bright", "dark", "grey"]

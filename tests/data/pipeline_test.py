@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import dataset_config, tiny_config
 from dmd_jax.data import pipeline
 
 
@@ -78,7 +78,7 @@ def test_unknown_split_is_named(data_dir):
 
 
 def test_ucf101_hook_names_the_builder_or_the_missing_tensorflow(tmp_path):
-    config = tiny_config(str(tmp_path), **{"data.name": "ucf101"}).data
+    config = dataset_config(str(tmp_path), "ucf101")
     try:
         import tensorflow  # noqa: F401
     except ImportError:

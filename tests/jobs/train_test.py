@@ -121,15 +121,29 @@ def test_overwrite_recomputes_what_other_settings_made(data_dir, tmp_path):
 
 
 def test_non_finite_loss_stops_before_saving(data_dir, tmp_path):
+    # Warm-up from 0: step 1 changes nothing (and is checkpointed), step 2 diverges.
     config = tiny_config(data_dir, **{"train.optimizer": "sgd", "train.learning_rate": 1e30,
-                                      "train.steps": 9, "train.checkpoint_every": 3,
-                                      "train.log_every": 1, "train.warmup_steps": 0})
+                                      "train.steps": 9, "train.checkpoint_every": 1,
+                                      "train.log_every": 1, "train.warmup_steps": 3})
     with pytest.raises(train.NonFiniteLossError, match="learning_rate") as err:
         train.run(config, str(tmp_path))
-    failed_at = int(str(err.value).split("by step ")[1].split(";")[0])
-    saved = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).steps()
+    failed_at = int(str(err.value).split("by step ")[1].split(" ")[0])
+    ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"))
+    saved = ckpt.steps()
     assert all(step < failed_at for step in saved)  # nothing diverged was checkpointed
     assert not os.path.exists(tmp_path / "summary.json")
+    assert saved  # the warm-up's first finite steps were kept
+    if saved:  # what the error calls finite is: every parameter of the kept state
+        assert f"step {saved[-1]}, holds a finite state" in str(err.value)
+        state, _ = ckpt.restore_latest(_initial_state(config))
+        assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state.params))
+
+
+def _initial_state(config):
+    """A train state shaped like the job's, for restoring its checkpoints."""
+    model = models.build(config.model, 12, config.runtime)
+    tx = train.make_optimizer(config.train)
+    return train.init_state(model, tx, (8, 32, 32, 3), 0)
 
 
 def test_unwritable_workdir_is_a_clear_error(data_dir, tmp_path):

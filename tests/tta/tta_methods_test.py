@@ -11,7 +11,7 @@ from dmd_jax import models, parallel, tta
 from dmd_jax.model_store import LoadedModel
 from dmd_jax.tta import cema, eata, filters, losses
 from dmd_jax.tta.adaptable import Adaptable, num_bytes, split_norm_affine
-from dmd_jax.tta.base import BatchResult, Context
+from dmd_jax.tta.base import Context
 from conftest import tiny_config
 
 CLIP = (4, 16, 16, 3)
