@@ -174,7 +174,9 @@ def adapt_config() -> ml_collections.ConfigDict:
             fisher_split="train",  # clean clips for EATA's Fisher information
             fisher_clips=2000,
         ),
-        sar=dict(**gradient, margin_factor=0.4, sam_rho=0.05, reset_loss_ema=0.2),
+        # full_reset=False: a reset restores the parameters only (the authors' code).
+        sar=dict(**gradient, margin_factor=0.4, sam_rho=0.05, reset_loss_ema=0.2,
+                 full_reset=False),
         cema=dict(
             margin_factor=0.4,
             unreliable_filter=True,  # H < E_max(t)

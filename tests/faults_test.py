@@ -107,6 +107,14 @@ def test_a_model_directory_that_lies_about_its_model(tmp_path, data_dir, tiny_pi
     shutil.copytree(f"{tiny_pipeline}/edge/model", no_variables)
     shutil.rmtree(no_variables / "variables")
     cases["no_variables"] = ("cannot be read",)
+    truncated_variables = tmp_path / "truncated_variables"
+    shutil.copytree(f"{tiny_pipeline}/edge/model", truncated_variables)
+    for folder, _, names in os.walk(truncated_variables / "variables"):
+        for name in names:
+            if os.path.getsize(os.path.join(folder, name)) > 1000:  # the array data
+                with open(os.path.join(folder, name), "r+b") as f:
+                    f.truncate(100)
+    cases["truncated_variables"] = ("cannot be read",)
     for name, named in cases.items():
         before = tree_digest(tmp_path / name)
         out = run(tiny(tmp_path / f"label_{name}", data_dir, f"--config.edge.path={tmp_path / name}",

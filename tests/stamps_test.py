@@ -59,8 +59,7 @@ def test_adapt_stream_of_another_learning_rate_is_refused_then_recomputed(copied
     before = _files(copied / "adapt")
     with pytest.raises(stamps.StaleArtifactError, match="edge_learning_rate"):
         adapt.run(config, str(copied / "adapt"))
-    assert {k: v for k, v in _files(copied / "adapt").items() if "config.json" not in k} == {
-        k: v for k, v in before.items() if "config.json" not in k}
+    assert _files(copied / "adapt") == before  # refused before writing anything
     config.overwrite = True
     summary = adapt.run(config, str(copied / "adapt"))
     stream = copied / "adapt" / "reset" / "cema" / "gaussian_noise@5.npz"
@@ -105,3 +104,17 @@ def test_switcher_refuses_relabelled_data(copied, data_dir):
     config = tiny_config(data_dir, "switcher", **{"switcher.label_dir": str(copied / "label")})
     with pytest.raises(stamps.StaleArtifactError, match="inputs.labels"):
         switcher.run(config, str(copied / "switcher"))
+
+
+def test_hybrid_refuses_a_switcher_trained_on_other_labels(copied, data_dir):
+    from dmd_jax.jobs import hybrid as hybrid_job
+
+    stamp_path = copied / "label" / "stamp.json"
+    stamp = json.load(open(stamp_path))
+    stamp["settings"]["chunk_size"] = 999  # the labels now claim another origin
+    stamp_path.write_text(json.dumps(stamp))
+    config = tiny_config(data_dir, "hybrid", **{
+        "hybrid.label_dir": str(copied / "label"), "hybrid.switcher_dir": str(copied / "switcher"),
+        "edge.path": str(copied / "edge" / "model"), "cloud.path": str(copied / "teacher" / "model")})
+    with pytest.raises(stamps.StaleArtifactError, match="trained on other labels"):
+        hybrid_job.run(config, str(copied / "hybrid2"))

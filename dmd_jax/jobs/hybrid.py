@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmd_jax import files, flops, hybrid, jobs, model_store, reporting, routers, routing
+from dmd_jax import (files, flops, hybrid, jobs, model_store, reporting, routers, routing,
+                     stamps)
 from dmd_jax.data import labels
 from dmd_jax.errors import UserError
 
@@ -52,6 +53,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     # After the labels: those are the first thing missing.
     built = {name: routers.load(spec, routers.Context(switcher_dir=cfg.switcher_dir))
              for name, spec in cfg.routers.items()}
+    for name, router in built.items():
+        if router.trained_on and router.trained_on != label_identity:
+            raise stamps.StaleArtifactError(
+                f"router {name!r} ({router.spec}) was trained on other labels than those in "
+                f"{cfg.label_dir!r}: rerun the train_switcher job on these labels first")
     files.write_json(files.path(workdir) / "config.json", config.to_dict())
     calibration, test = _with_scores(built, calibration), _with_scores(built, test)
     edge = model_store.load(config.edge.path, "edge", config.runtime)

@@ -51,6 +51,7 @@ class Router:
     params: Any = dataclasses.field(default_factory=dict)
     learned: bool = False
     fingerprint: str = ""  # of the trained parameters ('' if none)
+    trained_on: str = ""  # the identity of the labels it learnt from ('' if none)
 
     def scores(self, features: np.ndarray, logits: np.ndarray) -> np.ndarray:
         """Scores of a labelled split's clips, on the host."""

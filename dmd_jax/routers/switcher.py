@@ -95,7 +95,8 @@ def router(arg: str, context: Context) -> Router:
     module, params, info = load(os.path.join(context.switcher_dir, arg, "switcher"))
     score = _score_functions(module)
     return Router(f"switcher:{arg}", score, params, learned=True,
-                  fingerprint=info.get("fingerprint", ""))
+                  fingerprint=info.get("fingerprint", ""),
+                  trained_on=info.get("stamp", {}).get("inputs", {}).get("labels", ""))
 
 
 def _score_functions(module: Switcher):

@@ -44,13 +44,15 @@ from dmd_jax.tta.base import BatchResult, Context
 
 @dataclasses.dataclass(frozen=True)
 class Upload:
-    """Edge -> cloud: the selected clips, uint8 as stored."""
+    """Edge -> cloud: the selected clips, uint8 as stored; with batch renormalisation, once,
+    the running statistics the edge started from (its first stream batch's)."""
 
     clips: np.ndarray  # (n, T, H, W, 3) uint8
+    stats: Any = None
 
     @property
     def nbytes(self) -> int:
-        return int(self.clips.nbytes)
+        return int(self.clips.nbytes) + (num_bytes(self.stats) if self.stats is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,7 @@ class Edge:
         self.norm_affine = parallel.put_replicated(self.model.source_norm_affine, self._mesh)
         self.stats = parallel.put_replicated(stats_template(self.model, self.renorm), self._mesh)
         self._stats_ready = not self.renorm
+        self._stats_to_send = None  # the first batch's statistics, until they went up
         self.filter.reset()
 
     def predict(self, clips: jax.Array) -> np.ndarray:
@@ -170,6 +173,7 @@ class Edge:
         logits, stats = self._forward[mode](self.norm_affine, self.stats, self._constants, clips)
         if not self._stats_ready:
             self.stats, self._stats_ready = stats, True
+            self._stats_to_send = parallel.fetch(stats)
         return parallel.fetch(logits)
 
     def select(self, clips: jax.Array, logits: np.ndarray
@@ -185,7 +189,9 @@ class Edge:
         if not keep.any():  # most batches: nothing leaves, so nothing is copied to the host
             return Upload(np.zeros((0, *clips.shape[1:]), clips.dtype)), keep, failed
         stored = parallel.fetch(clips)  # the clips as the edge stores them
-        return Upload(np.asarray(stored)[keep]), keep, failed
+        upload = Upload(np.asarray(stored)[keep], self._stats_to_send)
+        self._stats_to_send = None
+        return upload, keep, failed
 
     def receive(self, download: Download) -> None:
         self.norm_affine = parallel.put_replicated(download.norm_affine, self._mesh)
@@ -247,6 +253,7 @@ class Cloud:
 
     def reset(self) -> None:
         edge, foundation = self.edge_model.source_norm_affine, self.foundation.source_norm_affine
+        self._edge_stats_from_edge = None
         self.state = parallel.put_replicated({
             "edge": edge, "edge_opt": self.edge_opt.init(edge),
             "edge_stats": stats_template(self.edge_model, self.cfg.batch_renorm),
@@ -261,6 +268,8 @@ class Cloud:
         """Stores the clips, runs the steps they allow; returns the new edge parameters
         (None if no step ran) and the edge loss of each step."""
         cfg = self.cfg
+        if upload.stats is not None:  # the edge's statistics: where its copy here starts
+            self._edge_stats_from_edge = upload.stats
         self.buffer.add(upload.clips)
         self._pending.extend(upload.clips)
         step_losses = []
@@ -270,7 +279,9 @@ class Cloud:
             replay = (self.buffer.sample(cfg.replay_per_step)
                       if len(self.buffer) >= cfg.replay_from else None)
             step_losses.append(self._run_step(new, replay))
-        if not step_losses and len(self.buffer) >= cfg.replay_from:  # a replay-only step
+        # A replay-only step once the buffer holds *more* than replay_from clips (the
+        # authors' `len(history_buffer) > 256`; the mixed step above needs as many).
+        if not step_losses and len(self.buffer) > cfg.replay_from:
             step_losses.append(self._run_step(
                 None, self.buffer.sample(cfg.new_per_step + cfg.replay_per_step)))
         if not step_losses:
@@ -283,15 +294,20 @@ class Cloud:
         # Every host holds every uploaded clip: each puts its devices' rows.
         to_mesh = lambda clips: None if clips is None else parallel.put_rows(clips, self._mesh)
         new, replay = to_mesh(new), to_mesh(replay)
-        if not self._stats_ready:  # renormalisation starts from the first batch's statistics
+        if not self._stats_ready:  # renormalisation: where the running statistics start
             self.state.update(self._initial_stats(self.state, self._const, new, replay))
+            if self._edge_stats_from_edge is not None:  # the edge's own, as it began
+                self.state["edge_stats"] = parallel.put_replicated(self._edge_stats_from_edge,
+                                                                   self._mesh)
             self._stats_ready = True
         self.state, loss = self._step(self.state, self._const, new, replay)
         return float(loss)
 
     def _initial_stats_of(self, state: dict[str, Any], const: dict[str, Any],
                           new: jax.Array | None, replay: jax.Array | None) -> dict[str, Any]:
-        """Running statistics of both models set from the first step's clips."""
+        """Running statistics of both models set from the first step's clips (the edge
+        copy's are then replaced by the edge's own first batch's, as in the authors' code,
+        where edge and cloud share one model whose statistics the edge's first batch set)."""
         clips = jnp.concatenate([c for c in (new, replay) if c is not None])
         _, edge = forward(self.edge_model, state["edge"], state["edge_stats"], const["edge"],
                           clips, "init", True)

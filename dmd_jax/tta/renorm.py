@@ -72,7 +72,9 @@ def interceptor(mode: str):
             return next_fun(*args, **kwargs)
         x = args[0]
         axes = tuple(range(x.ndim - 1))
-        mean, var = jnp.mean(x, axes), jnp.var(x, axes)
+        # The unbiased variance, as the authors' code (torch.var_mean): for normalising
+        # the batch and for the running average alike.
+        mean, var = jnp.mean(x, axes), jnp.var(x, axes, ddof=1)
         if mode == "init":
             run_mean, run_var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
         else:

@@ -1,6 +1,13 @@
 """`sar` (Niu et al., ICLR 2023): sharpness-aware (SAM) entropy minimisation on reliable
 clips, and a reset to the source model when the moving average of the loss falls below
-a bound (the sign of a collapse onto few classes)."""
+a bound (the sign of a collapse onto few classes).
+
+As the authors' code (mr-eggplant/SAR, `SAR.forward`): a reset restores the normalisation
+parameters only. SGD's momentum carries over (their SAM's `load_state_dict` restores its
+own state, not its base optimizer's) and so does the loss average (`self.ema = ema` after
+`self.reset()`), so while the average stays below the bound the next steps reset again.
+`full_reset=True` restarts momentum and average too (a clean restart, dmd_jax's earlier
+behaviour); the authors' code also hard-codes the bound at 0.2, here `reset_loss_ema`."""
 
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ from dmd_jax.tta.base import Context, GradientTTA
 
 
 class Method(GradientTTA):
-    SETTINGS = GradientTTA.SETTINGS + ("margin_factor", "sam_rho", "reset_loss_ema")
+    SETTINGS = GradientTTA.SETTINGS + ("margin_factor", "sam_rho", "reset_loss_ema",
+                                       "full_reset")
 
     def __init__(self, edge: Adaptable, cfg: ml_collections.ConfigDict, context: Context):
         self.margin = losses.reliability_margin(edge.num_classes, cfg.margin_factor)
@@ -50,5 +58,7 @@ class Method(GradientTTA):
         new["has_ema"] = new["has_ema"] | counted
         reset = new["has_ema"] & (new["loss_ema"] < self.cfg.reset_loss_ema)
         fresh = self.initial_state(const["source"])
+        if not self.cfg.full_reset:  # the authors': only the parameters go back
+            fresh = {**new, "params": fresh["params"]}
         new = jax.tree.map(lambda f, n: jnp.where(reset, f, n), fresh, new)
         return new, logits, {"loss": loss2, "learned_from": reliable, "reset": reset}

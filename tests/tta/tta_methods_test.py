@@ -164,11 +164,20 @@ def test_sar_resets_itself_when_its_loss_average_falls_below_the_bound(edge, mes
     adapt = settings()
     adapt.sar.margin_factor = 10.0  # every clip reliable
     adapt.sar.reset_loss_ema = 1e9  # any loss average is "below": reset after the first step
-    sar = build("sar", edge, mesh, adapt)
-    result = sar.process(on_mesh(clips(5), mesh))
-    assert result.self_resets == 1
-    for k, v in jax.device_get(sar.state["params"]).items():
-        np.testing.assert_array_equal(v, edge.source_norm_affine[k])
+    for full_reset in (False, True):
+        adapt.sar.full_reset = full_reset
+        sar = build("sar", edge, mesh, adapt)
+        result = sar.process(on_mesh(clips(5), mesh))
+        assert result.self_resets == 1
+        state = jax.device_get(sar.state)
+        for k, v in state["params"].items():
+            np.testing.assert_array_equal(v, edge.source_norm_affine[k])
+        momentum = jax.tree.leaves(state["opt"])
+        if full_reset:  # a clean restart: no momentum, no loss average
+            assert not any(np.any(m) for m in momentum) and not state["has_ema"]
+        else:  # the authors': momentum and the loss average carry over, so it resets again
+            assert any(np.any(m) for m in momentum) and state["has_ema"]
+            assert sar.process(on_mesh(clips(6), mesh)).self_resets == 1
 
 
 def filter_settings(**overrides) -> ml_collections.ConfigDict:
@@ -236,8 +245,10 @@ def test_cema_replay_only_step_when_nothing_new_arrives(mesh, shared):
     assert cloud.receive(cema.Upload(clips(20, batch=4))) == (None, [])  # too few to step
     download, steps = cloud.receive(cema.Upload(clips(21, batch=12)))
     assert download is not None and len(steps) == 2  # 16 new clips: two steps
-    download, steps = cloud.receive(cema.Upload(clips(22, batch=0)))
-    assert download is not None and len(steps) == 1  # replayed 16 clips from the buffer
+    # Replay alone needs *more* than replay_from clips in the buffer (the authors' `> 256`).
+    assert cloud.receive(cema.Upload(clips(22, batch=0))) == (None, [])  # exactly 16
+    download, steps = cloud.receive(cema.Upload(clips(23, batch=1)))
+    assert download is not None and len(steps) == 1  # 17: replayed 16 clips from the buffer
     config.replay_from = 8
     with pytest.raises(ValueError, match="replay_from"):
         cema.Cloud(random_model(0), random_model(1), mesh, config, seed=0)
@@ -280,14 +291,28 @@ def test_every_method_compiles_once_over_a_stream(edge, mesh, shared):
 
 
 def test_batch_renormalisation_values_and_statistics(edge):
-    """Initialised from a batch it equals BatchNorm with that batch's statistics; then it
-    normalises with the running statistics, which only an 'update' moves (momentum 0.1)."""
+    """Initialised from a batch it normalises with that batch's statistics, the variance
+    unbiased as the authors' `torch.var_mean`; then it normalises with the running
+    statistics, which only an 'update' moves (momentum 0.1)."""
+    import flax.linen as nn
+    from dmd_jax.tta import renorm as renorm_lib
+
+    x = jax.random.normal(jax.random.key(3), (4, 3, 5, 5, 6)) * 3.0 + 1.0
+    layer = nn.BatchNorm(use_running_average=True, epsilon=1e-5)
+    variables = layer.init(jax.random.key(0), x)
+    variables["params"] = {"scale": jnp.arange(1.0, 7.0), "bias": jnp.full(6, 0.5)}
+    with nn.intercept_methods(renorm_lib.interceptor("init")):
+        y, _ = layer.apply(variables, x, mutable=["batch_stats"])
+    axes = (0, 1, 2, 3)
+    expected = ((x - x.mean(axes)) / jnp.sqrt(x.var(axes, ddof=1) + 1e-5)
+                * jnp.arange(1.0, 7.0) + 0.5)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
     x, y = jnp.asarray(clips(40)), jnp.asarray(clips(41))
     constants, affine = edge.constants(), edge.source_norm_affine
     template = edge.model.variables["batch_stats"]
     renorm = jax.jit(edge.renorm_logits, static_argnums=4)
     logits, stats = renorm(affine, template, constants, x, "init")
-    np.testing.assert_allclose(logits, jax.jit(edge.logits)(affine, constants, x), atol=1e-4)
     used, unchanged = renorm(affine, stats, constants, y, "use")
     jax.tree.map(np.testing.assert_array_equal, unchanged, stats)
     _, moved = renorm(affine, stats, constants, y, "update")
@@ -295,8 +320,8 @@ def test_batch_renormalisation_values_and_statistics(edge):
     first = lambda tree: tree["stem"]["norm"]["mean"]  # its input depends on no other norm
     np.testing.assert_allclose(first(moved), first(stats) + 0.1 * (first(y_stats) - first(stats)),
                                rtol=1e-5, atol=1e-6)
-    batch_normed = jax.jit(edge.logits)(affine, constants, y)
-    assert not np.allclose(used, batch_normed, atol=1e-4)  # x's statistics, not y's
+    renormed_y, _ = renorm(affine, y_stats, constants, y, "use")
+    assert not np.allclose(used, renormed_y, atol=1e-4)  # x's statistics, not y's
 
 
 def test_cema_with_batch_renorm_sends_statistics_down(mesh):
@@ -308,6 +333,10 @@ def test_cema_with_batch_renorm_sends_statistics_down(mesh):
     results = [method.process(on_mesh(clips(50 + i), mesh)) for i in range(3)]
     stats_bytes = num_bytes(edge_model.model.variables["batch_stats"])
     assert results[-1].bytes_down == num_bytes(edge_model.source_norm_affine) + stats_bytes
+    # The edge's first statistics go up once, with its first upload: the cloud's copy of
+    # the edge starts from them (the authors' edge and cloud share one model).
+    clip_bytes = 8 * int(np.prod(CLIP))
+    assert [r.bytes_up for r in results] == [clip_bytes + stats_bytes, clip_bytes, clip_bytes]
     for edge_leaf, cloud_leaf in zip(jax.tree.leaves(jax.device_get(method.edge.stats)),
                                      jax.tree.leaves(jax.device_get(method.cloud.state["edge_stats"]))):
         np.testing.assert_array_equal(edge_leaf, cloud_leaf)
