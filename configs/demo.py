@@ -137,6 +137,10 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
             # Resamples of the test clips for the 95% interval of each switcher's AUC
             # minus max_prob's (0: none).
             bootstrap_resamples=1000,
+            # Thresholds bounding the deployed router's disagreement with the cloud among
+            # the clips kept at the edge by alpha, with probability 1 - delta.
+            guarantee_alphas=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
+            guarantee_delta=0.1,
         ),
     ))
 

@@ -67,6 +67,7 @@ def summarize(curves: dict[str, np.ndarray], edge_accuracy: float,
     for name, curve in curves.items():
         out[name] = {
             "auc": auc[name],
+            "auc_trapezoid": trapezoid_auc(curve),
             "apgr": float(np.mean(pgr(curve, edge_accuracy, cloud_accuracy))),
             **{f"cpt_{p}": cpt(curve, edge_accuracy, cloud_accuracy, p / 100)
                for p in (50, 80, 95)},
@@ -123,3 +124,83 @@ def auroc(scores: np.ndarray, positives: np.ndarray) -> float:
     mid_rank = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse]
     return float((mid_rank[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
+
+
+def trapezoid_auc(curve: np.ndarray, rates: np.ndarray = OFFLOAD_GRID) -> float:
+    """The area under a deferral curve by the trapezoid rule (endpoints half-weighted),
+    where `summarize`'s AUC is the mean over the grid (endpoints fully weighted)."""
+    return float(np.trapezoid(curve, rates))
+
+
+def routellm_metrics(priority: np.ndarray, edge_correct: np.ndarray,
+                     cloud_correct: np.ndarray, bins: int = 10) -> dict[str, float]:
+    """AUC, APGR and the call-performance thresholds as RouteLLM's evaluation computes
+    them (`routellm/evals`), for comparison with its papers: thresholds at the `bins`
+    equal-count quantile edges of the router's scores (offload where priority >= edge, the
+    last edge strictly >), accuracy against the offloaded fraction; AUC by the trapezoid
+    rule over those points; APGR as the area between the edge-only and cloud-only lines;
+    CPT(p) by linear interpolation of the offloaded fraction at accuracy edge + p*gap."""
+    priority = np.asarray(priority, np.float64)
+    edge_correct = np.asarray(edge_correct, np.float64)
+    cloud_correct = np.asarray(cloud_correct, np.float64)
+    edges = np.quantile(priority, np.linspace(0.0, 1.0, bins + 1))
+    rates, accuracy = [], []
+    for i, edge in enumerate(edges):
+        offload = priority > edge if i == len(edges) - 1 else priority >= edge
+        rates.append(offload.mean())
+        accuracy.append(np.where(offload, cloud_correct, edge_correct).mean())
+    order = np.argsort(rates, kind="stable")
+    rates, accuracy = np.asarray(rates)[order], np.asarray(accuracy)[order]
+    weak, strong = edge_correct.mean(), cloud_correct.mean()
+    auc = float(np.trapezoid(accuracy, rates))
+    span = rates[-1] - rates[0]
+    apgr = (auc - weak * span) / ((strong - weak) * span) if span and strong != weak else math.nan
+    out = {"auc": auc, "apgr": float(apgr)}
+    for p in (20, 50, 80):  # np.interp needs increasing accuracies, as RouteLLM assumes
+        out[f"cpt_{p}"] = float(np.interp(weak + p / 100 * (strong - weak), accuracy, rates))
+    return out
+
+
+def clopper_pearson_upper(failures: int, trials: int, delta: float) -> float:
+    """The one-sided (1 - delta) Clopper-Pearson upper bound of a binomial rate."""
+    from scipy import stats
+
+    if trials == 0:
+        return 1.0
+    if failures >= trials:
+        return 1.0
+    return float(stats.beta.ppf(1.0 - delta, failures + 1, trials - failures))
+
+
+def guaranteed_threshold(scores: np.ndarray, disagree: np.ndarray, alpha: float,
+                         delta: float) -> float:
+    """The lowest threshold `tau` (clips with `score >= tau` stay at the edge, the rest go
+    to the cloud) whose kept clips disagree with the cloud at a rate <= `alpha`, with
+    probability >= 1 - `delta` over the calibration draw.
+
+    Learn-then-test with fixed-sequence testing: candidate thresholds are tested from the
+    most conservative downwards, each with a Clopper-Pearson bound at level delta,
+    stopping at the first that fails; testing in a fixed order controls the chance that any
+    accepted threshold violates alpha at delta (no union bound is needed). The sequence
+    starts at the first threshold keeping enough clips for a rejection to be possible at
+    all (`(1 - alpha)^k <= delta`), a rule that depends on alpha and delta only, not on
+    the labels. The guarantee holds given the calibration scores (their clips' labels
+    random); tests check it over fresh draws. Returns +inf (offload everything) if none
+    passes."""
+    from scipy import stats
+
+    scores = np.asarray(scores, np.float64)
+    order = np.argsort(-scores, kind="stable")
+    ranked, bad = scores[order], np.asarray(disagree, bool)[order]
+    kept = np.arange(1, len(ranked) + 1)
+    failures = np.cumsum(bad)
+    # A threshold keeps every clip of a tied score or none: only ends of ties are candidates,
+    # and only from the smallest count at which zero disagreements could pass.
+    smallest = math.ceil(math.log(delta) / math.log(1.0 - alpha)) if alpha < 1 else 1
+    candidate = np.append(ranked[1:] != ranked[:-1], True) & (kept >= smallest)
+    upper = np.where(failures >= kept, 1.0,
+                     stats.beta.ppf(1.0 - delta, failures + 1, np.maximum(kept - failures, 1)))
+    failing = np.nonzero(candidate & (upper > alpha))[0]
+    passing = np.nonzero(candidate)[0]
+    passing = passing[passing < (failing[0] if len(failing) else len(ranked))]
+    return float(ranked[passing[-1]]) if len(passing) else math.inf

@@ -110,3 +110,54 @@ def test_auc_difference_and_its_bootstrap_interval():
     worse = routing.auc_difference(np.zeros(400), oracle, edge, cloud, num_resamples=200)
     assert worse["ci95_high"] == pytest.approx(-better["ci95_low"])
     assert routing.auc_difference(oracle, np.zeros(400), edge, cloud, num_resamples=200) == better
+
+
+def test_routellm_metrics_follow_routellms_evaluation():
+    """RouteLLM's procedure on a hand-checkable case: 10 clips, priorities 0..9, so the
+    decile edges (0, 0.9, ..., 9) offload the top 10, 9, ..., 1 clips and, at the last
+    edge (strictly greater), none."""
+    priority = np.arange(10.0)
+    edge_correct = np.array([1, 1, 1, 0, 1, 0, 1, 0, 0, 0], float)
+    cloud_correct = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 0], float)
+    rates = np.arange(11) / 10
+    # offload the k highest priorities: clips 9, 8, ... take the cloud's answer
+    accuracy = np.array([(edge_correct[:10 - k].sum() + cloud_correct[10 - k:].sum()) / 10
+                         for k in range(11)])
+    weak, strong = 0.5, 0.9
+    auc = np.sum((accuracy[1:] + accuracy[:-1]) / 2 * 0.1)
+    ours = routing.routellm_metrics(priority, edge_correct, cloud_correct)
+    assert ours["auc"] == pytest.approx(auc)
+    assert ours["apgr"] == pytest.approx((auc - weak) / (strong - weak))
+    # CPT(50%): accuracy 0.7 first reached between rates: interpolate as np.interp does
+    assert ours["cpt_50"] == pytest.approx(np.interp(0.7, accuracy, rates))
+
+
+def test_trapezoid_auc_half_weights_the_endpoints():
+    grid = routing.OFFLOAD_GRID
+    assert routing.trapezoid_auc(grid ** 2) == pytest.approx(1 / 3 + 0.01 ** 2 / 6)
+    assert float(np.mean(grid ** 2)) == pytest.approx(201 / 600)  # the grid mean: another number
+
+
+def test_guaranteed_threshold_bounds_the_disagreement_it_promises():
+    """Over many calibration draws, the realised disagreement among the clips kept at the
+    edge exceeds alpha in at most a delta fraction of them (the population is known here:
+    the disagreement probability of a clip falls with its score)."""
+    rng = np.random.default_rng(0)
+    alpha, delta, draws, violations = 0.2, 0.1, 200, 0
+
+    def population(n):
+        scores = rng.random(n)
+        return scores, rng.random(n) < 0.6 * (1 - scores)  # P(disagree | s) = 0.6 (1 - s)
+
+    test_scores, test_bad = population(200_000)
+    kept_rates = []
+    for _ in range(draws):
+        scores, bad = population(500)
+        tau = routing.guaranteed_threshold(scores, bad, alpha, delta)
+        kept = test_scores >= tau
+        kept_rates.append(kept.mean())
+        violations += kept.any() and test_bad[kept].mean() > alpha
+    assert violations / draws <= delta
+    assert np.mean(kept_rates) > 0.3  # not vacuous: it keeps a good share at the edge
+    # Clopper-Pearson: 0 failures in 10 trials bounds the rate by 1 - delta^(1/10).
+    assert routing.clopper_pearson_upper(0, 10, 0.1) == pytest.approx(1 - 0.1 ** 0.1)

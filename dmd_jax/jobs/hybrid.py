@@ -37,7 +37,8 @@ from dmd_jax.errors import UserError
 SECTIONS = ("edge", "cloud", "hybrid", "runtime")
 KEYS = {"hybrid": ("label_dir", "switcher_dir", "routers", "deploy", "compare_with_max_prob",
                    "calibration_split", "test_split", "compute_budget", "gflops_budget",
-                   "target_offload", "fusion", "bootstrap_resamples"),
+                   "target_offload", "fusion", "bootstrap_resamples", "guarantee_alphas",
+                   "guarantee_delta"),
         "edge": ("path",), "cloud": ("path",)}
 FUSION_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 REFERENCES = ("random", "oracle")  # curves, not deployable routers
@@ -93,12 +94,16 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     edge_accuracy = float(answers["edge_correct"].mean())
     cloud_accuracy = float(answers["cloud_correct"].mean())
     summary_routers = routing.summarize(curves, edge_accuracy, cloud_accuracy)
+    for name in built:  # RouteLLM's own way of computing them, for comparison with its papers
+        summary_routers[name]["routellm"] = routing.routellm_metrics(
+            -test[name], answers["edge_correct"], answers["cloud_side_correct"])
     for name in cfg.compare_with_max_prob:
         if cfg.bootstrap_resamples > 0:
             summary_routers[name]["auc_vs_max_prob"] = routing.auc_difference(
                 -test[name], -test["max_prob"], answers["edge_correct"],
                 answers["cloud_side_correct"], cfg.bootstrap_resamples, config.seed)
     summary = {
+        "guarantees": guarantees(cfg, calibration, test),
         "edge_accuracy": edge_accuracy, "cloud_accuracy": cloud_accuracy,
         "cloud_fused_accuracy": float(answers["cloud_side_correct"].mean()),
         "routers": summary_routers, "deployed_router": cfg.deploy,
@@ -117,6 +122,39 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     files.write_text(os.path.join(workdir, "report.md"), markdown(summary))
     reporting.log(markdown(summary))
     return summary
+
+
+def guarantees(cfg: ml_collections.ConfigDict, calibration: dict[str, np.ndarray],
+               test: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Thresholds of the deployed router that keep the edge's disagreement with the cloud
+    (DMD's own target, no human label) at most alpha among the clips it keeps, with
+    probability 1 - delta (`routing.guaranteed_threshold`), and what they realise on test;
+    next to the plain quantile calibration (the largest keep rate whose calibration rate
+    is <= alpha, no guarantee)."""
+    scores_c, scores_t = calibration[cfg.deploy], test[cfg.deploy]
+    disagree_c, disagree_t = calibration["hard"] < 0.5, test["hard"] < 0.5
+    rows = []
+    for alpha in cfg.guarantee_alphas:
+        tau = routing.guaranteed_threshold(scores_c, disagree_c, alpha, cfg.guarantee_delta)
+        plain = _empirical_threshold(scores_c, disagree_c, alpha)
+        row = {"alpha": float(alpha)}
+        for name, threshold in (("guaranteed", tau), ("quantile", plain)):
+            kept = scores_t >= threshold
+            row[name] = {"threshold": threshold, "test_offload_rate": float(1 - kept.mean()),
+                         "test_disagreement": float(disagree_t[kept].mean()) if kept.any()
+                         else 0.0}
+        rows.append(row)
+    return {"delta": float(cfg.guarantee_delta), "router": cfg.deploy, "rows": rows}
+
+
+def _empirical_threshold(scores: np.ndarray, disagree: np.ndarray, alpha: float) -> float:
+    """The lowest threshold whose kept calibration clips disagree at a rate <= alpha."""
+    order = np.argsort(-scores, kind="stable")
+    ranked, bad = scores[order], disagree[order]
+    rate = np.cumsum(bad) / np.arange(1, len(bad) + 1)
+    ok = [k for k in range(len(ranked)) if rate[k] <= alpha
+          and (k + 1 == len(ranked) or ranked[k + 1] != ranked[k])]
+    return float(ranked[ok[-1]]) if ok else float("inf")
 
 
 def _check_router_names(cfg: ml_collections.ConfigDict) -> None:
@@ -254,6 +292,19 @@ def markdown(summary: dict[str, Any]) -> str:
         f"({point['cloud_gflops_per_clip']:.4f}); fusion weight {point['fusion_weight']:.2f}; "
         f"upload {point['upload_bytes_per_clip']:.0f} bytes per clip.",
     ]
+    if summary.get("guarantees", {}).get("rows"):
+        g = summary["guarantees"]
+        lines += ["", f"Thresholds of {g['router']} bounding its disagreement with the cloud among "
+                  f"the clips kept at the edge by alpha, with probability {1 - g['delta']:.0%} "
+                  "(Clopper-Pearson, fixed-sequence testing), against the plain quantile "
+                  "calibration; test split:", "",
+                  "| alpha | guaranteed: test disagreement | offload | quantile: test "
+                  "disagreement | offload |", "|---|---|---|---|---|"]
+        for row in g["rows"]:
+            ok, plain = row["guaranteed"], row["quantile"]
+            lines.append(f"| {row['alpha']:.2f} | {ok['test_disagreement']:.3f} | "
+                         f"{ok['test_offload_rate']:.1%} | {plain['test_disagreement']:.3f} | "
+                         f"{plain['test_offload_rate']:.1%} |")
     for name in summary["routers"]:
         versus = summary["routers"][name].get("auc_vs_max_prob")
         if versus:
