@@ -21,7 +21,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dmd_jax import parallel
+from dmd_jax import files, parallel
 from dmd_jax.errors import UserError
 
 
@@ -48,7 +48,7 @@ def _pytree_handler() -> ocp.PyTreeCheckpointHandler:
 
 def _resolved(path: str) -> epath.Path:
     """An absolute path (orbax needs one); bucket URLs are left as they are."""
-    return epath.Path(path) if "://" in str(path) else epath.Path(path).absolute()
+    return epath.Path(path).absolute() if files.is_local(path) else epath.Path(path)
 
 
 def save_tree(path: str, tree: Any) -> None:

@@ -83,9 +83,10 @@ def test_a_second_job_on_a_workdir_in_use_is_refused(tmp_path, data_dir):
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=60)
-    # Killed, it left its lock: the next job takes it over (its owner is gone).
+    # Killed, it left its lock: the next job takes it over (its owner is gone); a short
+    # run, so it recomputes the killed one's results (overwrite) instead of finishing it.
     assert (workdir / ".lock").exists()
-    again = run(tiny(workdir, data_dir, "--config.train.steps=40", "--config.train.eval_every=40"))
+    again = run(tiny(workdir, data_dir, "--config.train.steps=2", "--config.overwrite=True"))
     assert again.returncode == 0, again.stderr[-3000:]
     assert "taking it over" in again.stderr and not (workdir / ".lock").exists()
 
