@@ -33,6 +33,23 @@ from dmd_jax.config_utils import load_config  # noqa: E402
 from dmd_jax.data import pipeline  # noqa: E402
 
 
+# The longest test files, started first so that the two xdist workers (`--dist loadfile`)
+# finish together instead of one waiting on the other's last long file. The first needs
+# the tiny pipeline (built once, under a lock); the next two only the dataset, so the
+# other worker need not wait for that build.
+SLOW_FIRST = ("tests/jobs/multiprocess_test.py", "tests/jobs/train_resume_test.py",
+              "tests/jobs/train_vs_pmap_reference_test.py", "tests/gcs_test.py",
+              "tests/faults_test.py", "tests/convert/xclip_vs_reference_test.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        path = item.nodeid.split("::")[0]
+        return next((i for i, slow in enumerate(SLOW_FIRST) if path.endswith(slow[6:])),
+                    len(SLOW_FIRST))
+    items.sort(key=rank)  # stable: within a file, and among the rest, the collected order
+
+
 def tiny_config(data_dir: str, stage: str = "edge", **overrides):
     """configs/demo.py:STAGE,tiny on a tfds data_dir, with dotted-key overrides."""
     config = load_config(os.path.join(REPO, "configs", "demo.py") + f":{stage},tiny")

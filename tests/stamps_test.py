@@ -77,10 +77,16 @@ def test_labels_of_another_split_spec_or_camera_mix_are_refused(copied, data_dir
             "cloud.path": str(copied / "teacher" / "model")}
     for override, named in (({"data.split_specs": {"unlabelled": "unlabelled[:50%]"}},
                              "split_specs.unlabelled"),
-                            ({"data.ceiling_cameras": {"test": 0.5}}, "settings.data.dataset"),
                             ({"label.chunk_size": 8}, "settings.chunk_size: 16 -> 8")):
         with pytest.raises(stamps.StaleArtifactError, match=named):
             label.run(tiny_config(data_dir, "label", **base, **override), str(copied / "label"))
+    # Another camera mix is another prepared dataset: its identity, in every stamp, differs
+    # (checked on the builders, without generating the other dataset).
+    from dmd_jax.data import pipeline
+    data = tiny_config(data_dir, "label").data
+    other = tiny_config(data_dir, "label", **{"data.ceiling_cameras": {"test": 0.5}}).data
+    assert (pipeline.dataset_identity(pipeline.make_builder(data), data)["dataset"]
+            != pipeline.dataset_identity(pipeline.make_builder(other), other)["dataset"])
 
 
 def test_switcher_of_another_seed_is_refused_then_retrained(copied, data_dir):

@@ -109,13 +109,16 @@ def test_a_rerun_with_other_settings_is_refused_untouched(finished_run, data_dir
     assert _tree_files(workdir) == before
 
 
-def test_overwrite_recomputes_what_other_settings_made(data_dir, tmp_path):
-    config = tiny_config(data_dir, **{"train.steps": 2, "train.eval_every": 100})
-    first = train.run(config, str(tmp_path))
-    config.train.learning_rate = 1e-4
-    config.overwrite = True
-    again = train.run(config, str(tmp_path))
-    assert again["param_fingerprint"] != first["param_fingerprint"]
+def test_overwrite_recomputes_what_other_settings_made(finished_run, data_dir, tmp_path):
+    import shutil
+
+    workdir, first = finished_run
+    stale = tmp_path / "stale"
+    shutil.copytree(workdir, stale)  # another run's results (6 steps at the default rate)
+    config = tiny_config(data_dir, **{"train.steps": 2, "train.eval_every": 100,
+                                      "train.learning_rate": 1e-4, "overwrite": True})
+    again = train.run(config, str(stale))
+    assert again["param_fingerprint"] != first["param_fingerprint"] and again["steps"] == 2
     fresh = train.run(config, str(tmp_path / "fresh"))  # the same as never having the old
     assert again["param_fingerprint"] == fresh["param_fingerprint"]
 
