@@ -12,7 +12,8 @@ One stage at a time (each resumes if killed; the paths below are the defaults):
 Variants (`file.py:STAGE[,tiny]`): `edge` (default) trains the tiny X3D edge; `teacher`
 the ~12x larger X3D the hybrid system defers to (the cloud model); `label`, `switcher` and
 `hybrid` run the DMD stages on their outputs; `adapt` adapts the edge under corrupted
-video (CEMA, with the teacher as its cloud, and the baselines); `pipeline` runs them all.
+video (CEMA, with the teacher as its cloud, and the baselines), `adapt_long` the same on
+8,192-clip streams per corruption (the papers' regime); `pipeline` runs them all.
 `,tiny` shrinks data and models to a seconds-long smoke run (`tiny` alone is `edge,tiny`).
 
 Each variant holds only the sections its job reads (`dmd_jax.jobs.<job>.SECTIONS`), so a
@@ -78,11 +79,11 @@ def runtime_config() -> ml_collections.ConfigDict:
 
 STAGE_JOBS = {"edge": "train", "teacher": "train", "label": "label",
               "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "adapt": "adapt",
-              "pipeline": "pipeline"}
+              "adapt_long": "adapt", "pipeline": "pipeline"}
 PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
 # The pipeline's adapt stage is a short look (~1 min on 2 CPU cores, one corruption); the
 # full comparison (every method, all 15 corruptions) is `configs/demo.py:adapt`.
-PIPELINE_ADAPT = dict(corruptions=("fog",),
+PIPELINE_ADAPT = dict(corruptions=("fog",), seeds=(0,),
                       methods=("source", "norm", "tent", "cema"))
 
 
@@ -159,15 +160,22 @@ def adapt_config() -> ml_collections.ConfigDict:
     redundancy = dict(redundancy_margin=0.05, margin_reference_classes=1000)
     return ml_collections.ConfigDict(dict(
         split="test",
-        protocol="reset",  # 'reset' per corruption x severity, 'continual' or 'mixed'
+        # 'reset' (per corruption x severity), 'continual', 'gradual' (severities up and
+        # down per corruption), 'mixed' or 'correlated[:delta]' (class-ordered, Dirichlet)
+        protocol="reset",
         corruptions=tuple(CORRUPTIONS),
         severities=(5,),
-        methods=("source", "norm", "tent", "eata", "sar", "cema", "cema_static_emax",
+        methods=("source", "norm", "tent", "eata", "sar", "lame", "cema", "cema_static_emax",
                  "cloud_all"),  # any method or variant below
         batch_size=64,  # the stream batch (global)
-        seed=0,
+        seeds=(0, 1, 2),  # each: the stream's order and the corruptions' noise
         collapse_fraction=0.9,  # an adapted batch this concentrated on one class resets
         log_every=0,  # progress every N batches within a stream (0: per stream only)
+        checkpoint_every=32,  # batches between a stream's checkpoints (0: none)
+        # Accuracy differences reported with paired bootstrap intervals over the clips.
+        differences=("norm-source", "tent-norm", "eata-norm", "sar-norm", "lame-source",
+                     "cema-norm", "cema-cloud_all"),
+        bootstrap_resamples=1000,
         tent=dict(gradient),
         eata=dict(
             **gradient,
@@ -181,6 +189,9 @@ def adapt_config() -> ml_collections.ConfigDict:
         # full_reset=False: a reset restores the parameters only (the authors' code).
         sar=dict(**gradient, margin_factor=0.4, sam_rho=0.05, reset_loss_ema=0.2,
                  full_reset=False),
+        # The authors' defaults (and Döbler et al.'s benchmark's): Gaussian affinity of
+        # width the mean distance to the 5th nearest clip, 100 bound steps.
+        lame=dict(affinity="rbf", knn=5, bound_lambda=1.0, max_steps=100, force_symmetry=False),
         cema=dict(
             margin_factor=0.4,
             unreliable_filter=True,  # H < E_max(t)
@@ -293,12 +304,27 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
         config[section[job]] = dmd[section[job]]
     if job == "adapt":
         config.adapt = adapt_config()
+    if stage == "adapt_long":
+        long_streams(config)
     if job == "train":
         config.model = model_config(TEACHER if stage == "teacher" else EDGE)
         config.train = train_config(stage)
     if tiny:
         shrink(config, stage)
     return config
+
+
+# `adapt_long`: streams as long as the papers' (ImageNet-C: ~780 batches per corruption):
+# 8,192 clips per corruption (128 batches of 64), rendered as a split of their own with
+# the deployment's camera mix, and 2,048 training clips for EATA's Fisher information.
+LONG_STREAM = dict(split_sizes={"train": 2048, "stream": 8192},
+                   ceiling_cameras={"stream": 0.2})
+
+
+def long_streams(config: ml_collections.ConfigDict) -> None:
+    """The adapt config on long streams (`configs/demo.py:adapt_long`)."""
+    config.data.update(LONG_STREAM)
+    config.adapt.split = "stream"
 
 
 def train_config(stage: str) -> ml_collections.ConfigDict:
@@ -358,7 +384,8 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
     if "switcher" in config:
         config.switcher.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
     if "adapt" in config:
-        config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"))
+        config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"), seeds=(0,),
+                            bootstrap_resamples=100)
         config.adapt.eata.fisher_clips = 16
         config.adapt.cema.update(warmup_clips=8, new_per_step=8, replay_per_step=8,
                                  replay_from=16, buffer_size=64)

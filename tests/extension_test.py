@@ -147,7 +147,7 @@ def test_the_new_router_is_compared_and_deployed(extended):
 def test_the_new_method_adapts_in_the_adapt_job(extended):
     root, _, _, summary = extended
     assert set(summary["methods"]) == {"norm", "pseudo_label"}
-    rows = np.load(root / "adapt" / "reset" / "pseudo_label" / "gaussian_noise@5.npz")
+    rows = np.load(root / "adapt" / "reset" / "pseudo_label" / "seed0" / "gaussian_noise@5.npz")
     assert rows["learned_from"].all()  # threshold 0: every clip is confident enough
     assert np.isfinite(rows["loss"]).all()
     assert summary["settings"]["pseudo_label"]["threshold"] == 0.0

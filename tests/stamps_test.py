@@ -62,12 +62,12 @@ def test_adapt_stream_of_another_learning_rate_is_refused_then_recomputed(copied
     assert _files(copied / "adapt") == before  # refused before writing anything
     config.overwrite = True
     summary = adapt.run(config, str(copied / "adapt"))
-    stream = copied / "adapt" / "reset" / "cema" / "gaussian_noise@5.npz"
+    stream = copied / "adapt" / "reset" / "cema" / "seed0" / "gaussian_noise@5.npz"
     assert os.path.getmtime(stream) > before[str(stream)]  # recomputed
     saved = json.loads(str(np.load(stream)["stamp"]))
     assert saved["settings"]["method"]["settings"]["edge_learning_rate"] == (
         config.adapt.cema.edge_learning_rate)
-    norm = copied / "adapt" / "reset" / "norm" / "gaussian_noise@5.npz"
+    norm = copied / "adapt" / "reset" / "norm" / "seed0" / "gaussian_noise@5.npz"
     assert os.path.getmtime(norm) == before[str(norm)]  # its own stamp still matched
     assert set(summary["methods"]) == {"norm", "cema"}
 

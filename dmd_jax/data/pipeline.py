@@ -221,11 +221,22 @@ class Split:
                 f"the prepared dataset in {builder.data_path} cannot be opened ({err}): delete "
                 "that folder and run again to prepare it anew") from err
         self._frames, self._size = frames, size
+        self._builder, self._split_spec = builder, split
         self.num_classes = builder.info.features["label"].num_classes
         self.class_names = tuple(builder.info.features["label"].names)
 
     def __len__(self) -> int:
         return len(self._source)
+
+    def labels(self) -> np.ndarray:
+        """Every row's label, read without decoding a frame (a class-ordered stream needs
+        them before any clip is read)."""
+        source = self._builder.as_data_source(
+            split=self._split_spec, decoders={"video": tfds.decode.SkipDecoding()})
+        rows = range(len(source))
+        return np.asarray([e["label"] for start in rows[::1024]
+                           for e in source.__getitems__(list(rows[start:start + 1024]))],
+                          np.int32)
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         try:

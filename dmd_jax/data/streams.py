@@ -1,14 +1,26 @@
 """Test streams under distribution shift: which clip comes when, under which corruption.
 
-A stream is a sequence of `(clip, corruption, severity)` rows, read in fixed-size batches:
+A stream is a sequence of `(clip, corruption, severity)` rows, read in fixed-size batches.
+The protocols are the online test-time adaptation benchmarks' (Wang et al.'s CoTTA,
+Döbler et al.'s test-time-adaptation benchmark):
 
 - `reset`: one stream per corruption x severity (the models are reset for each);
 - `continual`: one stream through every corruption x severity in turn, never reset;
-- `mixed`: every row of `continual`, shuffled together.
+- `gradual`: one stream, never reset, through every corruption with the severity rising
+  and falling along `severities` (1, 2, 3, 4, 5 gives 1→5→1 per corruption);
+- `mixed`: every row of `continual`, shuffled together;
+- `correlated[:DELTA]`: as `reset`, with the clips in a class-correlated order: the
+  stream is cut into one chunk per class and each class's clips are shared out over the
+  chunks by a Dirichlet draw of concentration DELTA (0.1 unless given; small: each chunk
+  holds few classes, each in one run), as NOTE (Gong et al. 2022) and the benchmarks built
+  on it do. Label shift over time: where Tent is known to collapse and LAME and ROID are
+  built to hold.
 
-Clips are read on each host (its rows of the global batch) and corrupted on the device,
-each with a key derived from `(seed, corruption, severity, clip id)`, so a clip looks
-the same whatever batch, device or host it lands on.
+Every segment (one corruption at one severity) shows each clip once; every protocol meets
+the same clips (the split shuffled once with the seed and cut to whole batches). Clips are
+read on each host (its rows of the global batch) and corrupted on the device, each with a
+key derived from `(seed, corruption, severity, clip id)`, so a clip looks the same
+whatever batch, device or host it lands on.
 """
 
 from __future__ import annotations
@@ -25,12 +37,13 @@ from dmd_jax import parallel
 from dmd_jax.data import corruptions, pipeline
 from dmd_jax.errors import ConfigValueError
 
-PROTOCOLS = ("reset", "continual", "mixed")
+PROTOCOLS = ("reset", "continual", "gradual", "mixed", "correlated")
+DEFAULT_DIRICHLET = 0.1  # RoTTA's and ROID's correlated benchmarks
 
 
 @dataclasses.dataclass(frozen=True)
 class Stream:
-    name: str  # e.g. 'fog@5' (reset), 'continual', 'mixed'
+    name: str  # e.g. 'fog@5' (reset, correlated), 'continual', 'gradual', 'mixed'
     clip: np.ndarray  # (N,) row of the split
     corruption: np.ndarray  # (N,) index into `corruption_names`
     severity: np.ndarray  # (N,) 1-5
@@ -45,6 +58,44 @@ class Stream:
         return np.char.add(np.char.add(names, "@"), self.severity.astype(str))
 
 
+@dataclasses.dataclass(frozen=True)
+class Protocol:
+    """A parsed `config.adapt.protocol`: its name and, for `correlated`, the Dirichlet
+    concentration."""
+
+    name: str
+    dirichlet: float | None = None
+
+    @classmethod
+    def parse(cls, spec: str) -> "Protocol":
+        name, _, arg = spec.partition(":")
+        if name not in PROTOCOLS:
+            raise ConfigValueError(f"unknown adapt protocol {spec!r}; use one of {PROTOCOLS} "
+                                   "(correlated takes a concentration: 'correlated:0.1')")
+        if name != "correlated":
+            if arg:
+                raise ConfigValueError(f"adapt protocol {name!r} takes no argument (got {spec!r})")
+            return cls(name)
+        try:
+            delta = float(arg) if arg else DEFAULT_DIRICHLET
+        except ValueError:
+            delta = -1.0
+        if not delta > 0:
+            raise ConfigValueError(f"adapt protocol {spec!r}: the Dirichlet concentration must "
+                                   "be a positive number, e.g. 'correlated:0.1'")
+        return cls(name, delta)
+
+    @property
+    def resets_per_segment(self) -> bool:
+        """Whether each corruption x severity is a stream of its own (models reset)."""
+        return self.name in ("reset", "correlated")
+
+    @property
+    def folder(self) -> str:
+        """The workdir folder of its streams ('correlated-0.1')."""
+        return self.name if self.dirichlet is None else f"{self.name}-{self.dirichlet:g}"
+
+
 def clip_order(num_clips: int, batch_size: int, seed: int) -> np.ndarray:
     """The split's rows in the order every stream meets them: shuffled once with `seed`,
     cut to whole batches (so every batch, and every normalisation statistic, is full)."""
@@ -55,33 +106,72 @@ def clip_order(num_clips: int, batch_size: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(num_clips)[:usable]
 
 
-def make_streams(protocol: str, num_clips: int, corruption_names: tuple[str, ...],
+def make_streams(protocol: Protocol, labels: np.ndarray, corruption_names: tuple[str, ...],
                  severities: tuple[int, ...], batch_size: int, seed: int) -> list[Stream]:
-    """The streams of `protocol` over `num_clips` clips (shuffled once, with `seed`).
-
-    Each corruption sees the clips in the same order (`clip_order`).
-    """
-    if protocol not in PROTOCOLS:
-        raise ConfigValueError(f"unknown adapt protocol {protocol!r}; use one of {PROTOCOLS}")
+    """The streams of `protocol` over a split whose clips have these `labels` (only
+    `correlated` looks at them), shuffled once with `seed`."""
     for name in corruption_names:
         if name not in corruptions.CORRUPTIONS:
             raise ConfigValueError(f"unknown corruption {name!r}; available: "
                              f"{sorted(corruptions.CORRUPTIONS)}")
-    order = clip_order(num_clips, batch_size, seed)
-    usable = len(order)
-    segments = [Stream(f"{name}@{severity}", order, np.full(usable, c), np.full(usable, severity),
-                       corruption_names)
-                for severity in severities for c, name in enumerate(corruption_names)]
-    if protocol == "reset":
+    order = clip_order(len(labels), batch_size, seed)
+    if protocol.name == "correlated":
+        order = correlated_order(order, labels[order], protocol.dirichlet, seed)
+    if protocol.name == "gradual":
+        if len(severities) < 2:
+            raise ConfigValueError(
+                "the gradual protocol walks the severities up and down: give at least two "
+                f"in config.adapt.severities (e.g. (1, 2, 3, 4, 5)), not {tuple(severities)}")
+        ramp = (*severities, *severities[-2::-1])
+        pairs = [(c, s) for c in range(len(corruption_names)) for s in ramp]
+    else:
+        pairs = [(c, s) for s in severities for c in range(len(corruption_names))]
+    segments = [Stream(f"{corruption_names[c]}@{s}", order, np.full(len(order), c),
+                       np.full(len(order), s), corruption_names) for c, s in pairs]
+    if protocol.resets_per_segment:
         return segments
-    joined = Stream(protocol, *(np.concatenate([getattr(s, f) for s in segments])
-                                for f in ("clip", "corruption", "severity")), corruption_names)
-    if protocol == "mixed":
+    joined = Stream(protocol.name, *(np.concatenate([getattr(s, f) for s in segments])
+                                     for f in ("clip", "corruption", "severity")),
+                    corruption_names)
+    if protocol.name == "mixed":
         shuffle = np.random.default_rng([seed, 1]).permutation(len(joined))
         joined = dataclasses.replace(joined, clip=joined.clip[shuffle],
                                      corruption=joined.corruption[shuffle],
                                      severity=joined.severity[shuffle])
     return [joined]
+
+
+def correlated_order(clips: np.ndarray, labels: np.ndarray, delta: float, seed: int,
+                     attempts: int = 1000) -> np.ndarray:
+    """`clips` reordered so that classes come in runs (NOTE's Dirichlet sampling).
+
+    The stream is cut into one chunk per class; each class's clips are shared out over
+    the chunks in proportions drawn from Dirichlet(delta), giving nothing more to chunks
+    already holding their share; draws are repeated until every chunk holds a few clips.
+    Within a chunk the classes come in a random order, each as one run."""
+    rng = np.random.default_rng([seed, 2])
+    classes = np.unique(labels)
+    num_chunks = len(classes)
+    fair_share = len(clips) / num_chunks
+    min_chunk = max(1, min(10, len(clips) // (2 * num_chunks)))
+    for _ in range(attempts):
+        chunks: list[list[np.ndarray]] = [[] for _ in range(num_chunks)]
+        sizes = np.zeros(num_chunks)
+        for k in classes:
+            members = rng.permutation(clips[labels == k])
+            share = rng.dirichlet(np.full(num_chunks, delta)) * (sizes < fair_share)
+            share = share / share.sum() if share.sum() > 0 else np.full(num_chunks, 1 / num_chunks)
+            cuts = (np.cumsum(share) * len(members)).astype(int)[:-1]
+            for chunk, part in zip(chunks, np.split(members, cuts)):
+                chunk.append(part)
+            sizes += [len(part) for part in np.split(members, cuts)]
+        if sizes.min() >= min_chunk:
+            return np.concatenate([np.concatenate([chunk[i] for i in rng.permutation(len(chunk))])
+                                   for chunk in chunks]).astype(clips.dtype)
+    raise ConfigValueError(
+        f"no class-correlated order with Dirichlet concentration {delta} leaves every chunk of "
+        f"the {len(clips)}-clip stream {min_chunk} clips in {attempts} draws; use a larger "
+        "concentration ('correlated:0.5') or a longer stream")
 
 
 class StreamReader:
@@ -91,9 +181,11 @@ class StreamReader:
         self.split, self.batch_size, self._mesh, self._seed = split, batch_size, mesh, seed
         self._rows = parallel.host_slice(batch_size)
 
-    def batches(self, stream: Stream) -> Iterator[tuple[jax.Array, dict[str, np.ndarray]]]:
-        """`(corrupted clips on the mesh, {label, id, corruption, severity})` per batch."""
-        starts = range(0, len(stream), self.batch_size)
+    def batches(self, stream: Stream, first: int = 0
+                ) -> Iterator[tuple[jax.Array, dict[str, np.ndarray]]]:
+        """`(corrupted clips on the mesh, {label, id, corruption, severity})` per batch,
+        from batch `first` on (a stream resumed mid-way)."""
+        starts = range(first * self.batch_size, len(stream), self.batch_size)
         loaded = pipeline.prefetch(self.split.rows(stream.clip[s:s + self.batch_size][self._rows])
                                    for s in starts)
         for start, host in zip(starts, loaded):

@@ -9,8 +9,8 @@ base.BatchResult`: the predictions made *before* the batch changed anything (the
 ones), and what it learnt from, uploaded and sent.
 
 In `config.adapt`, `methods` lists names; a name is either a method module with its
-section `config.adapt.<name>` (`tent`, `eata`, `sar`, `cema`; `source` and `norm` have
-none), or a variant in `config.adapt.variants`: `{method: <module>, **overrides of its
+section `config.adapt.<name>` (`tent`, `eata`, `sar`, `cema`, `lame`; `source` and `norm`
+have none), or a variant in `config.adapt.variants`: `{method: <module>, **overrides of its
 section}` (`cloud_all` is CEMA with `upload_all=True`). `build` resolves both.
 
 Modules: `adaptable` (norm affine parameters vs the frozen rest), `losses` and `filters`
@@ -30,8 +30,9 @@ from dmd_jax.tta.adaptable import Adaptable
 from dmd_jax.tta.base import Context, Method
 
 # Keys of config.adapt that are not method sections.
-JOB_KEYS = ("split", "protocol", "corruptions", "severities", "methods", "batch_size", "seed",
-            "collapse_fraction", "log_every", "variants")
+JOB_KEYS = ("split", "protocol", "corruptions", "severities", "methods", "batch_size", "seeds",
+            "collapse_fraction", "log_every", "checkpoint_every", "differences",
+            "bootstrap_resamples", "variants")
 
 
 class MethodConfigError(UserError, ValueError):

@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import optax
+from flax import serialization
 
 from dmd_jax import parallel
 from dmd_jax.tta.adaptable import Adaptable, Params
@@ -30,6 +31,9 @@ class BatchResult:
     self_resets: int = 0  # resets the method's own rule made (SAR)
     # CEMA: per upload filter, the (B,) mask of clips it turned down; None: no filters ran
     filter_failed: dict[str, np.ndarray] | None = None
+    # Per-batch figures a method reports of itself (CEMA: E_max, buffer size, replay-only
+    # steps); saved with the stream as `metric_<name>`.
+    metrics: dict[str, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +66,14 @@ class Method(Protocol):
     def process(self, clips: jax.Array) -> BatchResult:
         """Predicts a batch of uint8 clips (sharded over the mesh), then adapts on it."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything `process` has changed since `reset`, as host values (numpy arrays,
+        numbers, strings, nested dicts): what a stream resumed mid-way restores. A method
+        without it still works; its streams restart from their first batch."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Back to the moment `state_dict` was taken."""
+
 
 def nothing(batch_size: int) -> np.ndarray:
     return np.zeros(batch_size, bool)
@@ -90,6 +102,12 @@ class ForwardOnly:
 
     def reset(self) -> None:
         pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        del state
 
     def process(self, clips: jax.Array) -> BatchResult:
         logits = parallel.fetch(self._forward(self._variables, clips))
@@ -133,6 +151,12 @@ class GradientTTA:
         self.state = parallel.put_replicated(
             self.initial_state(self.model.source_norm_affine), self._mesh)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": parallel.fetch(self.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = parallel.put_replicated(like(self.state, state["state"]), self._mesh)
+
     def process(self, clips: jax.Array) -> BatchResult:
         self.state, logits, aux = self._step(self.state, self.const, clips)
         logits, aux = parallel.fetch((logits, aux))  # learned_from is batch-sharded
@@ -151,3 +175,11 @@ class GradientTTA:
     def sgd(self, state: dict[str, Any], grads: Params) -> dict[str, Any]:
         updates, opt = self.optimizer.update(grads, state["opt"], state["params"])
         return {**state, "params": optax.apply_updates(state["params"], updates), "opt": opt}
+
+
+def like(template: Any, values: Any) -> Any:
+    """`values` (restored from a file: nested dicts, arrays) in `template`'s tree
+    structure (optax states are named tuples), each leaf with the template's dtype."""
+    dtype = lambda t: t.dtype if hasattr(t, "dtype") else np.asarray(t).dtype
+    return jax.tree.map(lambda t, v: np.asarray(v, dtype=dtype(t)),
+                        template, serialization.from_state_dict(template, values))

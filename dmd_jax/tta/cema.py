@@ -23,6 +23,7 @@ divides its 32/96/128-clip batches, so any device count works.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax
@@ -37,7 +38,7 @@ from dmd_jax.errors import UserError
 
 class CloudConfigError(UserError, ValueError):
     """CEMA's cloud cannot run with these settings or models."""
-from dmd_jax.tta import filters, losses
+from dmd_jax.tta import base, filters, losses
 from dmd_jax.tta.adaptable import Adaptable, Params, num_bytes
 from dmd_jax.tta.base import BatchResult, Context
 
@@ -114,6 +115,17 @@ class UploadFilter:
         self.probs_ema = np.zeros(self._num_classes, np.float32)
         self.has_ema = np.asarray(False)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"seen": self.seen, "entropy_sum": self.entropy_sum,
+                "warmup_mean": self.warmup_mean, "probs_ema": self.probs_ema,
+                "has_ema": self.has_ema}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen, self.entropy_sum = int(state["seen"]), float(state["entropy_sum"])
+        self.warmup_mean = None if state["warmup_mean"] is None else float(state["warmup_mean"])
+        self.probs_ema = np.asarray(state["probs_ema"], np.float32)
+        self.has_ema = np.asarray(state["has_ema"], bool)
+
     def e_max(self) -> float:
         if not self.cfg.dynamic_emax or self.warmup_mean is None:
             return self.e0
@@ -168,6 +180,21 @@ class Edge:
         self._stats_to_send = None  # the first batch's statistics, until they went up
         self.filter.reset()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"norm_affine": parallel.fetch(self.norm_affine), "stats": parallel.fetch(self.stats),
+                "stats_ready": self._stats_ready, "stats_to_send": self._stats_to_send,
+                "filter": self.filter.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.norm_affine = parallel.put_replicated(
+            base.like(self.model.source_norm_affine, state["norm_affine"]), self._mesh)
+        template = stats_template(self.model, self.renorm)
+        self.stats = parallel.put_replicated(base.like(template, state["stats"]), self._mesh)
+        self._stats_ready = bool(state["stats_ready"])
+        self._stats_to_send = (None if state["stats_to_send"] is None
+                               else base.like(template, state["stats_to_send"]))
+        self.filter.load_state_dict(state["filter"])
+
     def predict(self, clips: jax.Array) -> np.ndarray:
         mode = "use" if self._stats_ready else "init"
         logits, stats = self._forward[mode](self.norm_affine, self.stats, self._constants, clips)
@@ -218,6 +245,14 @@ class ReplayBuffer:
         self._clips.extend(clips)
         del self._clips[:max(0, len(self._clips) - self.capacity)]
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"clips": _stacked(self._clips),
+                "rng": json.dumps(self._rng.bit_generator.state)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._clips = list(np.asarray(state["clips"]))
+        self._rng.bit_generator.state = json.loads(state["rng"])
+
     def sample(self, count: int) -> np.ndarray:
         picks = self._rng.choice(len(self._clips), size=count, replace=False)
         return np.stack([self._clips[i] for i in picks])
@@ -263,6 +298,24 @@ class Cloud:
         self._stats_ready = not self.cfg.batch_renorm
         self.buffer.reset()
         self._pending: list[np.ndarray] = []
+        self.replay_only_steps = 0  # since the reset
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"state": parallel.fetch(self.state), "stats_ready": self._stats_ready,
+                "edge_stats_from_edge": self._edge_stats_from_edge,
+                "buffer": self.buffer.state_dict(), "pending": _stacked(self._pending),
+                "replay_only_steps": self.replay_only_steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.state = parallel.put_replicated(base.like(self.state, state["state"]), self._mesh)
+        self._stats_ready = bool(state["stats_ready"])
+        stats = state["edge_stats_from_edge"]
+        self._edge_stats_from_edge = (
+            None if stats is None
+            else base.like(stats_template(self.edge_model, self.cfg.batch_renorm), stats))
+        self.buffer.load_state_dict(state["buffer"])
+        self._pending = list(np.asarray(state["pending"]))
+        self.replay_only_steps = int(state["replay_only_steps"])
 
     def receive(self, upload: Upload) -> tuple[Download | None, list[float]]:
         """Stores the clips, runs the steps they allow; returns the new edge parameters
@@ -284,6 +337,7 @@ class Cloud:
         if not step_losses and len(self.buffer) > cfg.replay_from:
             step_losses.append(self._run_step(
                 None, self.buffer.sample(cfg.new_per_step + cfg.replay_per_step)))
+            self.replay_only_steps += 1
         if not step_losses:
             return None, []
         sent = parallel.fetch({"norm_affine": self.state["edge"],
@@ -380,9 +434,18 @@ class Method:
         self.edge.reset()
         self.cloud.reset()
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"edge": self.edge.state_dict(), "cloud": self.cloud.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.edge.load_state_dict(state["edge"])
+        self.cloud.load_state_dict(state["cloud"])
+
     def process(self, clips: jax.Array) -> BatchResult:
         logits = self.edge.predict(clips)
+        e_max = self.edge.filter.e_max()  # the threshold this batch was filtered with
         upload, uploaded, failed = self.edge.select(clips, logits)
+        replay_only_before = self.cloud.replay_only_steps
         download, step_losses = self.cloud.receive(upload)
         if download is not None:
             self.edge.receive(download)
@@ -391,4 +454,11 @@ class Method:
             loss=float(np.mean(step_losses)) if step_losses else float("nan"),
             updated=download is not None, bytes_up=upload.nbytes,
             bytes_down=download.nbytes if download is not None else 0,
-            cloud_steps=len(step_losses), filter_failed=failed)
+            cloud_steps=len(step_losses), filter_failed=failed,
+            metrics={"e_max": e_max, "buffer": len(self.cloud.buffer),
+                     "replay_only_steps": self.cloud.replay_only_steps - replay_only_before})
+
+
+def _stacked(clips: list[np.ndarray]) -> np.ndarray:
+    """A list of equally shaped uint8 clips as one array (an empty one as shape (0,))."""
+    return np.stack(clips) if clips else np.zeros((0,), np.uint8)

@@ -3,6 +3,7 @@ streams, forced divergence, bad input."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -24,7 +25,7 @@ def mixed_run(data_dir, tiny_pipeline, tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("adapt"))
     config = adapt_config(data_dir, tiny_pipeline, **{
         "adapt.protocol": "mixed",
-        "adapt.methods": ("source", "tent", "cema")})
+        "adapt.methods": ("source", "tent", "cema", "cloud_all")})
     return config, workdir, adapt.run(config, workdir)
 
 
@@ -40,7 +41,7 @@ def test_summary_contract(mixed_run):
         accuracies = [c["accuracy"] for c in method["corruptions"].values()]
         assert method["accuracy"] == pytest.approx(np.mean(accuracies))
     clip_bytes = 8 * 32 * 32 * 3
-    rows = np.load(os.path.join(workdir, "mixed", "cema", "mixed.npz"))
+    rows = np.load(os.path.join(workdir, "mixed", "cema", "seed0", "mixed.npz"))
     assert summary["methods"]["cema"]["bytes_up"] == rows["uploaded"].sum() * clip_bytes
     assert summary["methods"]["cema"]["upload_fraction"] == pytest.approx(rows["uploaded"].mean())
     # A clip goes up only if no filter turned it down: the recorded failures explain it.
@@ -65,7 +66,7 @@ def test_summary_contract(mixed_run):
 def test_predictions_on_disk_reproduce_the_summary(mixed_run):
     config, workdir, summary = mixed_run
     for name in config.adapt.methods:
-        rows = np.load(os.path.join(workdir, "mixed", name, "mixed.npz"))
+        rows = np.load(os.path.join(workdir, "mixed", name, "seed0", "mixed.npz"))
         assert len(rows["id"]) == 2 * 32 and len(rows["loss"]) == 8
         for cond, stats in summary["methods"][name]["corruptions"].items():
             keep = rows["condition"] == cond
@@ -75,7 +76,7 @@ def test_predictions_on_disk_reproduce_the_summary(mixed_run):
 
 def test_mixed_stream_interleaves_corruptions(mixed_run):
     _, workdir, _ = mixed_run
-    rows = np.load(os.path.join(workdir, "mixed", "source", "mixed.npz"))
+    rows = np.load(os.path.join(workdir, "mixed", "source", "seed0", "mixed.npz"))
     per_batch = rows["condition"].reshape(8, 8)
     assert any(len(set(batch)) > 1 for batch in per_batch)
     for cond in set(rows["condition"]):  # every clip once per corruption
@@ -84,7 +85,7 @@ def test_mixed_stream_interleaves_corruptions(mixed_run):
 
 def test_rerun_resumes_from_the_streams_on_disk(mixed_run, capsys):
     config, workdir, summary = mixed_run
-    path = os.path.join(workdir, "mixed", "cema", "mixed.npz")
+    path = os.path.join(workdir, "mixed", "cema", "seed0", "mixed.npz")
     before = os.path.getmtime(path)
     again = adapt.run(config, workdir)
     assert os.path.getmtime(path) == before
@@ -99,7 +100,7 @@ def test_divergence_is_detected_logged_and_reset(data_dir, tiny_pipeline, tmp_pa
     summary = adapt.run(config, str(tmp_path))
     assert summary["methods"]["tent"]["stability_resets"] >= 1
     assert "resetting to the source model" in capsys.readouterr().out
-    rows = np.load(tmp_path / "reset" / "tent" / "gaussian_noise@5.npz")
+    rows = np.load(tmp_path / "reset" / "tent" / "seed0" / "gaussian_noise@5.npz")
     assert any(reason.startswith("non-finite") for reason in rows["stability_reset"])
 
 
@@ -121,3 +122,102 @@ def test_collapse_is_judged_against_the_predictions_before_adapting():
     nan = BatchResult(collapsed, np.ones(10, bool), np.zeros(10, bool), loss=float("nan"),
                       updated=True)
     assert "non-finite" in adapt.health_problem(nan, False, 0.9, before=0.3)
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_a_stream_killed_mid_way_resumes_to_the_uninterrupted_result(
+        mixed_run, data_dir, tiny_pipeline, tmp_path, monkeypatch, capsys):
+    """Tent and CEMA uploading every clip (parameters, optimisers, the cloud's two models
+    and replay buffer) stop at the second checkpoint of the mixed stream; the rerun
+    resumes at batch 4 and ends with the uninterrupted run's predictions, losses, uploads
+    and cloud steps."""
+    config, reference_dir, _ = mixed_run
+    config = adapt_config(data_dir, tiny_pipeline, **{
+        "adapt.protocol": "mixed", "adapt.methods": ("tent", "cloud_all"),
+        "adapt.checkpoint_every": 2})
+    save = adapt.StreamRecord.save
+    saves = []
+
+    def save_then_die(record, job, method):
+        save(record, job, method)
+        saves.append(record.position)
+        if len(saves) == 2:
+            raise Interrupted
+
+    monkeypatch.setattr(adapt.StreamRecord, "save", save_then_die)
+    for name in ("tent", "cloud_all"):
+        with pytest.raises(Interrupted):
+            adapt.run(config.copy_and_resolve_references(), str(tmp_path))
+        assert (tmp_path / "mixed" / name / "seed0" / "mixed.partial").exists()
+        saves.clear()
+        if name == "tent":  # next: cloud_all, with tent's stream finished in a clean run
+            monkeypatch.setattr(adapt.StreamRecord, "save", save)
+            adapt.run(config.copy_and_resolve_references(), str(tmp_path))
+            monkeypatch.setattr(adapt.StreamRecord, "save", save_then_die)
+            shutil.rmtree(tmp_path / "mixed" / "cloud_all")
+    out = capsys.readouterr().out
+    assert "tent stream mixed (seed 0): resuming at batch 4 of 8" in out
+    monkeypatch.setattr(adapt.StreamRecord, "save", save)
+    adapt.run(config, str(tmp_path))
+    assert "cloud_all stream mixed (seed 0): resuming at batch 4 of 8" in capsys.readouterr().out
+    for name in ("tent", "cloud_all"):
+        ours = np.load(tmp_path / "mixed" / name / "seed0" / "mixed.npz")
+        theirs = np.load(os.path.join(reference_dir, "mixed", name, "seed0", "mixed.npz"))
+        assert not (tmp_path / "mixed" / name / "seed0" / "mixed.partial").exists()
+        for key in theirs.files:
+            if key not in ("seconds", "stamp"):
+                np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name} {key}")
+    cloud = np.load(tmp_path / "mixed" / "cloud_all" / "seed0" / "mixed.npz")
+    assert cloud["metric_buffer"][3] > 0 and cloud["cloud_steps"][4:].sum() > 0  # restored, used
+
+
+def test_a_checkpoint_made_with_other_settings_is_refused(mixed_run, data_dir, tiny_pipeline,
+                                                          tmp_path, monkeypatch):
+    config = adapt_config(data_dir, tiny_pipeline, **{
+        "adapt.protocol": "mixed", "adapt.methods": ("tent",), "adapt.checkpoint_every": 2})
+
+    def die(record, job, method):
+        save(record, job, method)
+        raise Interrupted
+
+    save = adapt.StreamRecord.save
+    monkeypatch.setattr(adapt.StreamRecord, "save", die)
+    with pytest.raises(Interrupted):
+        adapt.run(config, str(tmp_path))
+    monkeypatch.setattr(adapt.StreamRecord, "save", save)
+    config.adapt.tent.learning_rate = 1e-3
+    with pytest.raises(ValueError, match=r"tent stream mixed \(seed 0\) in progress.*learning_rate"):
+        adapt.run(config, str(tmp_path))
+    assert (tmp_path / "mixed" / "tent" / "seed0" / "mixed.partial").exists()  # kept
+
+
+def test_seeds_intervals_and_a_class_correlated_stream(data_dir, tiny_pipeline, tmp_path):
+    config = adapt_config(data_dir, tiny_pipeline, **{
+        "adapt.protocol": "correlated:0.1", "adapt.methods": ("source", "lame"),
+        "adapt.corruptions": ("gaussian_noise",), "adapt.seeds": (0, 1),
+        "adapt.differences": ("lame-source", "lame-norm")})
+    summary = adapt.run(config, str(tmp_path))
+    assert summary["seeds"] == [0, 1]
+    per_seed = {seed: np.load(tmp_path / "correlated-0.1" / "lame" / f"seed{seed}"
+                              / "gaussian_noise@5.npz") for seed in (0, 1)}
+    assert not np.array_equal(per_seed[0]["id"], per_seed[1]["id"])  # another order
+    accuracies = [np.mean(r["prediction"] == r["label"]) for r in per_seed.values()]
+    lame = summary["methods"]["lame"]
+    assert lame["accuracy_per_seed"] == pytest.approx(accuracies)
+    assert lame["accuracy"] == pytest.approx(np.mean(accuracies))
+    assert lame["accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
+    assert len(lame["batch_accuracy"]) == 4  # 32 clips, batches of 8
+    source = [np.load(tmp_path / "correlated-0.1" / "source" / f"seed{seed}"
+                      / "gaussian_noise@5.npz") for seed in (0, 1)]
+    difference = summary["differences"]["lame-source"]
+    correct = lambda runs: np.concatenate([r["prediction"] == r["label"] for r in runs])
+    expected = np.mean(correct(per_seed.values())) - np.mean(correct(source))
+    assert difference["difference"] == pytest.approx(expected)
+    assert difference["ci95_low"] <= difference["difference"] <= difference["ci95_high"]
+    assert summary["differences_not_computed"] == ["lame-norm"]
+    report = (tmp_path / "report.md").read_text()
+    assert "| lame-source |" in report and "Not computed (a method not run): lame-norm" in report
+    assert "± " in report and (tmp_path / "accuracy_vs_batch.png").stat().st_size > 1000

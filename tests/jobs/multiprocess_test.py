@@ -114,8 +114,8 @@ def test_dmd_stages_and_adapt_on_two_processes_match_one_process(tiny_pipeline, 
     references = {m: f"{tiny_pipeline}/adapt" for m in ("norm", "cema")}
     references["cloud_all"] = str(tmp_path / "one")
     for method, reference in references.items():
-        for name in os.listdir(f"{reference}/reset/{method}"):
-            a = np.load(workdir / "adapt" / "reset" / method / name)
-            b = np.load(f"{reference}/reset/{method}/{name}")
+        for name in os.listdir(f"{reference}/reset/{method}/seed0"):
+            a = np.load(workdir / "adapt" / "reset" / method / "seed0" / name)
+            b = np.load(f"{reference}/reset/{method}/seed0/{name}")
             for key in ("id", "prediction", "uploaded", "learned_from", "cloud_steps"):
                 np.testing.assert_array_equal(a[key], b[key], err_msg=f"{method} {name} {key}")

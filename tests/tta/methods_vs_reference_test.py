@@ -305,6 +305,60 @@ def test_cema_cloud_step_equals_its_reference(models, batches):
         np.testing.assert_allclose(value, theirs[key], atol=2e-5, rtol=1e-4, err_msg=key)
 
 
+def torch_lame(unary, features, knn=5, steps=100):
+    """LAME as the paper and fiveai/LAME state it: a Gaussian affinity whose width is the
+    mean distance to the k-th nearest clip (itself counted), then bound updates
+    y <- softmax(-unary + W y) until the energy's relative change is <= 1e-8."""
+    features = F.normalize(features, dim=-1)
+    distance = torch.cdist(features, features)
+    width = distance.sort(-1).values[:, knn - 1].mean()
+    kernel = torch.exp(-distance ** 2 / (2 * width ** 2))
+    y, old = (-unary).softmax(-1), float("inf")
+    for i in range(steps):
+        pairwise = kernel @ y
+        y = (-unary + pairwise).softmax(-1)
+        energy = (unary * y - pairwise * y + y * torch.log(y.clamp_min(1e-20))).sum().item()
+        if i > 1 and abs(energy - old) <= 1e-8 * abs(old):
+            break
+        old = energy
+    return y
+
+
+def test_lame_equals_its_reference(models, batches):
+    """LAME on the source model (eval mode: running statistics, as the authors' code):
+    the same assignments from the same logits and pooled features."""
+    torch_edge, edge = models[0], models[1]
+    lame, mesh = method("lame", edge)
+    reference = copy.deepcopy(torch_edge).eval()
+    pooled = {}
+    reference.blocks[-1].pool.register_forward_hook(
+        lambda module, args, out: pooled.update(features=out.flatten(1)))
+    for b in batches[:2]:
+        with torch.no_grad():
+            logits = reference(torch_input(b))
+            expected = torch_lame(-torch.log(logits.softmax(1) + 1e-10), pooled["features"])
+        ours = np.exp(lame.process(parallel.to_global(b, mesh)).logits)
+        np.testing.assert_allclose(ours, expected.numpy(), atol=2e-4)
+    # The random model is too sure of itself for LAME to move its labels; on unsure
+    # logits and clustered features it must, and the same way as the reference.
+    from dmd_jax.tta import lame as lame_module
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 16))
+    features = np.repeat(centres, 8, axis=0) + 0.3 * rng.normal(size=(24, 16))
+    logits = 0.5 * rng.normal(size=(24, CLASSES))
+    ours = lame_module.laplacian_assignment(
+        jax.nn.log_softmax(jnp.asarray(logits, jnp.float32)),
+        lame_module.affinity(lame_module.normalize(jnp.asarray(features, jnp.float32)), "rbf", 5),
+        1.0, 100)
+    expected = torch_lame(-torch.log(torch.tensor(logits).softmax(1) + 1e-10),
+                          torch.tensor(features)).numpy()
+    np.testing.assert_allclose(ours, expected, atol=1e-4)
+    assert np.mean(expected.argmax(1) != logits.argmax(1)) > 0.2  # the labels moved
+    for cluster in expected.argmax(1).reshape(3, 8):  # towards one label per cluster
+        assert np.bincount(cluster).max() >= 6
+
+
 def test_float32_gradients_drift_no_more_than_pytorchs(models, batches):
     """Tent's gradient in float32 against float64, the same float32 input on both sides:
     dmd_jax's error is at most twice PyTorch's (the E[x^2]-E[x]^2 variance of Flax's
