@@ -323,7 +323,8 @@ LONG_STREAM = dict(split_sizes={"train": 2048, "stream": 8192},
 
 def long_streams(config: ml_collections.ConfigDict) -> None:
     """The adapt config on long streams (`configs/demo.py:adapt_long`)."""
-    config.data.update(LONG_STREAM)
+    for key, value in LONG_STREAM.items():  # replaced, not merged into the demo's splits
+        config.data[key] = ml_collections.ConfigDict(value)
     config.adapt.split = "stream"
 
 

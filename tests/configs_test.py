@@ -14,7 +14,8 @@ DATASETS = ("ucf101", "hmdb51", "kinetics400", "ssv2")
 STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
 
 
-@pytest.mark.parametrize("variant", [f"{s}{t}" for s in STAGES for t in ("", ",tiny")])
+@pytest.mark.parametrize("variant", [f"{s}{t}" for s in (*STAGES, "adapt_long")
+                                     for t in ("", ",tiny")])
 def test_demo_variants_hold_exactly_their_jobs_sections(variant):
     config = load_config(f"{DEMO}:{variant}")
     job = jobs.module(config.job)
@@ -88,3 +89,17 @@ def test_a_misspelt_setting_in_a_config_file_is_refused(tmp_path):
     with pytest.raises(config_utils.ConfigSectionError, match="config.label lacks chunk_size"):
         label.run(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_adapt_long_streams_a_split_of_its_own():
+    config = load_config(f"{DEMO}:adapt_long")
+    assert dict(config.data.split_sizes) == {"train": 2048, "stream": 8192}
+    assert config.adapt.split == "stream" and len(config.adapt.seeds) >= 3
+    assert 8192 // config.adapt.batch_size >= 128
+
+
+def test_the_embedded_dataset_refuses_a_split_it_cannot_render():
+    from dmd_jax.data import builders, synthetic
+
+    with pytest.raises(ValueError, match=r"renders the splits .* not \['holdout'\]"):
+        builders.SyntheticActionsConfig.create(synthetic.RenderConfig(), {"holdout": 8}, 0)

@@ -51,6 +51,11 @@ class SyntheticActionsConfig(tfds.core.BuilderConfig):
                ceiling_cameras: dict[str, float] | None = None) -> "SyntheticActionsConfig":
         """Names the config by a hash of its content, so two settings never share files."""
         ceiling_cameras = {k: float(v) for k, v in (ceiling_cameras or {}).items() if v}
+        nameless = sorted(set(split_sizes) - set(synthetic.SPLIT_CODES))
+        if nameless:
+            raise ConfigValueError(f"the embedded dataset renders the splits "
+                                   f"{sorted(synthetic.SPLIT_CODES)}, not {nameless}: each has "
+                                   "its own random stream; rename them in data.split_sizes")
         unknown = set(ceiling_cameras) - set(split_sizes)
         if unknown:
             raise ConfigValueError(f"ceiling-camera fractions for splits the dataset does not have: "

@@ -36,7 +36,9 @@ CLASSES: tuple[str, ...] = (
 # Bump when rendering changes: it is part of the prepared dataset's name, so stale
 # files are never reused.
 RENDERER_VERSION = 7
-SPLIT_CODES = {"train": 0, "calibration": 1, "test": 2, "unlabelled": 3, "broad": 4}
+# Each split's clips come from their own random stream (`stream`: adapt_long's test clips).
+SPLIT_CODES = {"train": 0, "calibration": 1, "test": 2, "unlabelled": 3, "broad": 4,
+               "stream": 5}
 _SHAPES = ("square", "triangle", "cross", "bar", "diamond")
 
 
