@@ -165,8 +165,8 @@ def adapt_config() -> ml_collections.ConfigDict:
         protocol="reset",
         corruptions=tuple(CORRUPTIONS),
         severities=(5,),
-        methods=("source", "norm", "tent", "eata", "sar", "lame", "cema", "cema_static_emax",
-                 "cloud_all"),  # any method or variant below
+        methods=("source", "norm", "tent", "eata", "sar", "lame", "vitta", "cema",
+                 "cema_static_emax", "cloud_all"),  # any method or variant below
         batch_size=64,  # the stream batch (global)
         seeds=(0, 1, 2),  # each: the stream's order and the corruptions' noise
         collapse_fraction=0.9,  # an adapted batch this concentrated on one class resets
@@ -174,7 +174,7 @@ def adapt_config() -> ml_collections.ConfigDict:
         checkpoint_every=32,  # batches between a stream's checkpoints (0: none)
         # Accuracy differences reported with paired bootstrap intervals over the clips.
         differences=("norm-source", "tent-norm", "eata-norm", "sar-norm", "lame-source",
-                     "cema-norm", "cema-cloud_all"),
+                     "vitta-source", "cema-norm", "cema-cloud_all"),
         bootstrap_resamples=1000,
         tent=dict(gradient),
         eata=dict(
@@ -192,6 +192,12 @@ def adapt_config() -> ml_collections.ConfigDict:
         # The authors' defaults (and Döbler et al.'s benchmark's): Gaussian affinity of
         # width the mean distance to the 5th nearest clip, 100 bound steps.
         lame=dict(affinity="rbf", knn=5, bound_lambda=1.0, max_steps=100, force_symmetry=False),
+        # The authors' defaults (wlin-at/ViTTA); `layers`: X3D's last two stages, as their
+        # ResNet's layer3/layer4.
+        vitta=dict(learning_rate=5e-5, momentum=0.9, weight_decay=5e-4, parameters="all",
+                   layers=("stage3", "stage4"), stats_momentum=0.1, align_weight=1.0,
+                   consistency_weight=0.1, views=2, min_frames_fraction=0.75,
+                   min_crop_fraction=0.875, source_split="train", source_clips=2000),
         cema=dict(
             margin_factor=0.4,
             unreliable_filter=True,  # H < E_max(t)
@@ -388,5 +394,6 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
         config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"), seeds=(0,),
                             bootstrap_resamples=100)
         config.adapt.eata.fisher_clips = 16
+        config.adapt.vitta.source_clips = 16
         config.adapt.cema.update(warmup_clips=8, new_per_step=8, replay_per_step=8,
                                  replay_from=16, buffer_size=64)

@@ -109,6 +109,7 @@ def stage_config(dataset: str, stage: str, cloud: str) -> ml_collections.ConfigD
     if "adapt" in config:
         config.adapt.update(batch_size=64)
         config.adapt.eata.fisher_clips = 2000
+        config.adapt.vitta.source_clips = 2000
     # EATA's redundancy margin is scaled to the dataset's class count when adapt runs.
     return config
 

@@ -128,15 +128,23 @@ class GradientTTA:
 
     def __init__(self, edge: Adaptable, cfg: ml_collections.ConfigDict, context: Context):
         self.name, self.model, self.cfg, self._mesh = context.name, edge, cfg, context.mesh
-        self.optimizer = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
+        self.optimizer = self.make_optimizer()
         self.const = parallel.put_replicated(
-            {"model": edge.constants(), "source": edge.source_norm_affine,
+            {"model": edge.constants(), "source": self.source_params(),
              **self.extra_constants()}, self._mesh)
         replicated, batch = parallel.replicated(self._mesh), parallel.batch_sharded(self._mesh)
         self._step = jax.jit(self.step, donate_argnums=0,
                              in_shardings=(replicated, replicated, batch),
                              out_shardings=(replicated, batch, replicated))
         self.reset()
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        return optax.sgd(self.cfg.learning_rate, momentum=self.cfg.momentum)
+
+    def source_params(self) -> Params:
+        """The parameters that adapt, as before any adaptation (the norm layers' scale and
+        bias; a method adapting more overrides it)."""
+        return self.model.source_norm_affine
 
     def initial_state(self, source: Params) -> dict[str, Any]:
         return {"params": source, "opt": self.optimizer.init(source), **self.extra_state()}
@@ -148,8 +156,7 @@ class GradientTTA:
         return {}
 
     def reset(self) -> None:
-        self.state = parallel.put_replicated(
-            self.initial_state(self.model.source_norm_affine), self._mesh)
+        self.state = parallel.put_replicated(self.initial_state(self.source_params()), self._mesh)
 
     def state_dict(self) -> dict[str, Any]:
         return {"state": parallel.fetch(self.state)}

@@ -359,6 +359,67 @@ def test_lame_equals_its_reference(models, batches):
         assert np.bincount(cluster).max() >= 6
 
 
+def test_vitta_equals_its_reference(models, batches):
+    """ViTTA as wlin-at/ViTTA's defaults state it, for three batches: source running
+    statistics in the forward pass, every parameter adapting by SGD with weight decay,
+    the moving average (from 0) of the last two stages' BatchNorm output statistics
+    aligned with the clean clips' by L1, plus 0.1 x the views' L1 prediction consistency.
+    Both sides get the same two augmented views of each batch (dmd_jax's `augment`): the
+    comparison is of the algorithm, not of a random crop."""
+    from dmd_jax.tta import vitta
+
+    torch_edge, edge = models[0], models[1]
+    clean = batches[:2]
+    m, mesh = method("vitta", edge, clean=clean, learning_rate=LR)
+    cfg = m.cfg
+    reference = copy.deepcopy(torch_edge).eval()
+    norms = [module for block in reference.blocks[3:5] for module in block.modules()
+             if isinstance(module, torch.nn.BatchNorm3d)]
+    assert len(norms) == len(m._source_stats)
+    outputs = {}
+    for i, module in enumerate(norms):
+        module.register_forward_hook(lambda mod, args, out, i=i: outputs.update({i: out}))
+
+    def statistics():
+        return [(outputs[i].mean((0, 2, 3, 4)), outputs[i].var((0, 2, 3, 4), unbiased=False))
+                for i in range(len(norms))]
+
+    source = []
+    with torch.no_grad():
+        for b in clean:
+            reference(torch_input(b))
+            source.append(statistics())
+    source = [(torch.stack([s[i][0] for s in source]).mean(0),
+               torch.stack([s[i][1] for s in source]).mean(0)) for i in range(len(norms))]
+    optimizer = torch.optim.SGD(reference.parameters(), LR, momentum=0.9, weight_decay=5e-4)
+    ema = [(torch.zeros_like(a), torch.zeros_like(b)) for a, b in source]
+    expected, expected_loss = [], []
+    for step, b in enumerate(batches[:3]):
+        with torch.no_grad():
+            expected.append(reference(torch_input(b)).numpy())
+        views = np.concatenate([np.asarray(vitta.augment(
+            jnp.asarray(b), jax.random.fold_in(jax.random.key(0), step * 2 + v),
+            cfg.min_frames_fraction, cfg.min_crop_fraction)) for v in range(2)])
+        logits = reference(torch_input(views))
+        ema = [(0.1 * mean + 0.9 * old_mean.detach(), 0.1 * var + 0.9 * old_var.detach())
+               for (mean, var), (old_mean, old_var) in zip(statistics(), ema)]
+        align = sum((mean - src_mean).abs().mean() + (var - src_var).abs().mean()
+                    for (mean, var), (src_mean, src_var) in zip(ema, source))
+        probs = logits.softmax(-1).reshape(2, BATCH, -1)
+        consistency = (probs - probs.mean(0)).abs().sum() / 2
+        loss = align + 0.1 * consistency
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        expected_loss.append(loss.item())
+    ours, results = run_jax(m, mesh, batches[:3])
+    np.testing.assert_allclose([r.loss for r in results], expected_loss, rtol=1e-3)
+    for step, (a, b) in enumerate(zip(ours, expected)):
+        np.testing.assert_allclose(a, b, atol=2e-4, rtol=1e-3, err_msg=f"step {step}")
+    unadapted = np.asarray(edge.model.apply(edge.model.variables, jnp.asarray(batches[2]))[0])
+    assert not np.allclose(ours[2], unadapted, atol=1e-3)  # the model moved
+
+
 def test_float32_gradients_drift_no_more_than_pytorchs(models, batches):
     """Tent's gradient in float32 against float64, the same float32 input on both sides:
     dmd_jax's error is at most twice PyTorch's (the E[x^2]-E[x]^2 variance of Flax's
