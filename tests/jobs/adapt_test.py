@@ -3,7 +3,6 @@ streams, forced divergence, bad input."""
 
 import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -131,9 +130,11 @@ class Interrupted(Exception):
 def test_a_stream_killed_mid_way_resumes_to_the_uninterrupted_result(
         mixed_run, data_dir, tiny_pipeline, tmp_path, monkeypatch, capsys):
     """Tent and CEMA uploading every clip (parameters, optimisers, the cloud's two models
-    and replay buffer) stop at the second checkpoint of the mixed stream; the rerun
-    resumes at batch 4 and ends with the uninterrupted run's predictions, losses, uploads
-    and cloud steps."""
+    and replay buffer) are killed after their second checkpoint of the mixed stream (8
+    batches, one every 2): the first run dies in tent's stream at batch 4; the second
+    resumes it there, finishes it and dies in cloud_all's at batch 2; a third with another
+    learning rate is refused; the last resumes cloud_all at batch 2. Both end with the
+    uninterrupted run's predictions, losses, uploads and cloud steps."""
     config, reference_dir, _ = mixed_run
     config = adapt_config(data_dir, tiny_pipeline, **{
         "adapt.protocol": "mixed", "adapt.methods": ("tent", "cloud_all"),
@@ -148,50 +149,32 @@ def test_a_stream_killed_mid_way_resumes_to_the_uninterrupted_result(
             raise Interrupted
 
     monkeypatch.setattr(adapt.StreamRecord, "save", save_then_die)
-    for name in ("tent", "cloud_all"):
+    partial = lambda name: tmp_path / "mixed" / name / "seed0" / "mixed.partial"
+    for dies_in in ("tent", "cloud_all"):
+        saves.clear()
         with pytest.raises(Interrupted):
             adapt.run(config.copy_and_resolve_references(), str(tmp_path))
-        assert (tmp_path / "mixed" / name / "seed0" / "mixed.partial").exists()
-        saves.clear()
-        if name == "tent":  # next: cloud_all, with tent's stream finished in a clean run
-            monkeypatch.setattr(adapt.StreamRecord, "save", save)
-            adapt.run(config.copy_and_resolve_references(), str(tmp_path))
-            monkeypatch.setattr(adapt.StreamRecord, "save", save_then_die)
-            shutil.rmtree(tmp_path / "mixed" / "cloud_all")
-    out = capsys.readouterr().out
-    assert "tent stream mixed (seed 0): resuming at batch 4 of 8" in out
+        assert partial(dies_in).exists()
+    assert "tent stream mixed (seed 0): resuming at batch 4 of 8" in capsys.readouterr().out
+    assert not partial("tent").exists()  # finished: its checkpoint is gone
     monkeypatch.setattr(adapt.StreamRecord, "save", save)
+    other = config.copy_and_resolve_references()
+    other.adapt.cema.edge_learning_rate = 1e-3
+    with pytest.raises(ValueError, match=r"cloud_all stream mixed \(seed 0\) in progress.*"
+                                         r"edge_learning_rate"):
+        adapt.run(other, str(tmp_path))
+    assert partial("cloud_all").exists()  # refused: kept
     adapt.run(config, str(tmp_path))
-    assert "cloud_all stream mixed (seed 0): resuming at batch 4 of 8" in capsys.readouterr().out
+    assert "cloud_all stream mixed (seed 0): resuming at batch 2 of 8" in capsys.readouterr().out
     for name in ("tent", "cloud_all"):
         ours = np.load(tmp_path / "mixed" / name / "seed0" / "mixed.npz")
         theirs = np.load(os.path.join(reference_dir, "mixed", name, "seed0", "mixed.npz"))
-        assert not (tmp_path / "mixed" / name / "seed0" / "mixed.partial").exists()
+        assert not partial(name).exists()
         for key in theirs.files:
             if key not in ("seconds", "stamp"):
                 np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name} {key}")
     cloud = np.load(tmp_path / "mixed" / "cloud_all" / "seed0" / "mixed.npz")
-    assert cloud["metric_buffer"][3] > 0 and cloud["cloud_steps"][4:].sum() > 0  # restored, used
-
-
-def test_a_checkpoint_made_with_other_settings_is_refused(mixed_run, data_dir, tiny_pipeline,
-                                                          tmp_path, monkeypatch):
-    config = adapt_config(data_dir, tiny_pipeline, **{
-        "adapt.protocol": "mixed", "adapt.methods": ("tent",), "adapt.checkpoint_every": 2})
-
-    def die(record, job, method):
-        save(record, job, method)
-        raise Interrupted
-
-    save = adapt.StreamRecord.save
-    monkeypatch.setattr(adapt.StreamRecord, "save", die)
-    with pytest.raises(Interrupted):
-        adapt.run(config, str(tmp_path))
-    monkeypatch.setattr(adapt.StreamRecord, "save", save)
-    config.adapt.tent.learning_rate = 1e-3
-    with pytest.raises(ValueError, match=r"tent stream mixed \(seed 0\) in progress.*learning_rate"):
-        adapt.run(config, str(tmp_path))
-    assert (tmp_path / "mixed" / "tent" / "seed0" / "mixed.partial").exists()  # kept
+    assert cloud["metric_buffer"][1] > 0 and cloud["cloud_steps"][2:].sum() > 0  # restored, used
 
 
 def test_seeds_intervals_and_a_class_correlated_stream(data_dir, tiny_pipeline, tmp_path):

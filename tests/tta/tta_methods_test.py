@@ -390,3 +390,17 @@ def test_cema_runs_on_a_device_count_that_does_not_divide_its_cloud_batches(edge
         assert ours.cloud_steps == theirs.cloud_steps == 3
         np.testing.assert_allclose(ours.logits, theirs.logits, rtol=1e-4, atol=1e-4)
     assert parallel.submesh_dividing(parallel.make_mesh(6), 8, 16).size == 4
+
+
+def test_lame_on_a_batch_of_one_clip_keeps_its_prediction():
+    """At batch 1 the Gaussian affinity's width is 0 (the nearest clip is the clip): the
+    kernel is the clip's affinity to itself, and the assignment stays finite and keeps
+    the model's label."""
+    from dmd_jax.tta import lame
+
+    features = lame.normalize(jnp.asarray([[0.3, -1.0, 2.0]]))
+    log_probs = jax.nn.log_softmax(jnp.asarray([[0.2, 1.0, -0.5, 0.1]]))
+    for kind in lame.AFFINITIES:
+        kernel = lame.affinity(features, kind, 5)
+        y = lame.laplacian_assignment(log_probs, kernel, 1.0, 100)
+        assert np.all(np.isfinite(y)) and int(y.argmax()) == 1, kind
