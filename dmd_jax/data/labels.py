@@ -9,6 +9,13 @@ settings made them:
 - `hard`: 1 if edge and cloud predict the same class (no human label used);
 - `soft`: the cloud's probability of the edge's class (no human label used);
 - `ground_truth`: 1 if the edge is right (ablation only; -1 where a clip has no label).
+
+and, made by the switcher job from the stored logits (`relaxed_targets`), Hybrid LLM's
+relaxed agreement (Ding et al., ICLR 2024): `relaxed`, 1 if the cloud's probability of
+the edge's class is within `t` of its top probability, `1[p_C(y_E) >= max p_C - t]`, with
+`t` chosen on the calibration split to balance the labels (their choice: the `t`
+maximising the mean pairwise difference of the labels, i.e. a positive rate nearest 1/2;
+no human label used). `t = 0` is `hard`.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import numpy as np
 from dmd_jax import files, stamps
 from dmd_jax.errors import UserError
 
-TARGETS = ("hard", "soft", "ground_truth")
+TARGETS = ("hard", "soft", "ground_truth", "relaxed")
 
 
 class LabelsNotFoundError(UserError, FileNotFoundError):
@@ -40,6 +47,27 @@ def targets(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "soft": soft.astype(np.float32),
         "ground_truth": np.where(labelled, edge_class == outputs["label"], -1).astype(np.float32),
     }
+
+
+def relaxation_gap(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Per clip, the cloud's top probability minus its probability of the edge's class."""
+    probs = np.asarray(jax.nn.softmax(jnp.asarray(outputs["cloud_logits"]), axis=-1))
+    edge = np.take_along_axis(probs, outputs["edge_logits"].argmax(-1)[:, None], axis=-1)[:, 0]
+    return probs.max(-1) - edge
+
+
+def balanced_relaxation(calibration: dict[str, np.ndarray]) -> float:
+    """Hybrid LLM's `t`: among the thresholds that change the labels (0 and every gap),
+    the one whose positive rate on the calibration clips is nearest 1/2 (the smallest
+    such); 0 where agreement alone already reaches 1/2."""
+    gaps = relaxation_gap(calibration)
+    candidates = np.unique(np.concatenate([[0.0], gaps]))
+    rates = np.asarray([np.mean(gaps <= t) for t in candidates])
+    return float(candidates[np.argmin(np.abs(rates - 0.5))])
+
+
+def relaxed_targets(data: dict[str, np.ndarray], t: float) -> np.ndarray:
+    return (relaxation_gap(data) <= t).astype(np.float32)
 
 
 def chunk_path(label_dir: str, split: str, start: int):

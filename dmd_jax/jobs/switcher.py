@@ -68,6 +68,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"targets": {}, "train_split": cfg.train_split,
                                "eval_split": cfg.eval_split}
+    if "relaxed" in cfg.targets:  # t from the calibration (eval) split, as Hybrid LLM
+        t = labels.balanced_relaxation(eval_data)
+        for data in (train_data, eval_data):
+            data["relaxed"] = labels.relaxed_targets(data, t)
+        summary["relaxation"] = t
+        reporting.log(f"[switcher:relaxed] t = {t:.4f} balances the {cfg.eval_split} labels "
+                      f"({np.mean(eval_data['relaxed']):.1%} positive; hard agreement "
+                      f"{np.mean(eval_data['hard']):.1%})")
     stamped = {}
     for target in cfg.targets:  # every target checked before anything is written
         if target == "ground_truth" and np.any(train_data["ground_truth"] < 0):

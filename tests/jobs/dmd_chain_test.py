@@ -186,3 +186,30 @@ def test_budget_calibration(runs, tmp_path):
         f"{root}/edge/model", f"{root}/switcher",
         str(tmp_path / "impossible" / "operating_point.json"), f"{root}/teacher/model")
     assert system.threshold == -np.inf
+
+
+def test_relaxed_targets_balance_the_calibration_labels():
+    """Hybrid LLM's relaxation: t is the gap (top cloud probability minus the cloud's
+    probability of the edge's class) that makes half the labels positive."""
+    cloud = np.asarray([[0.9, 0.1], [0.6, 0.4], [0.55, 0.45], [0.2, 0.8]])
+    edge = np.asarray([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]])  # edge: 1, 1, 1, 0
+    data = {"cloud_logits": np.log(cloud), "edge_logits": edge}
+    np.testing.assert_allclose(labels.relaxation_gap(data), [0.8, 0.2, 0.1, 0.6], atol=1e-6)
+    t = labels.balanced_relaxation(data)  # no agreement at all: t = 0.2 gives 2 of 4
+    assert t == pytest.approx(0.2, abs=1e-6)
+    np.testing.assert_array_equal(labels.relaxed_targets(data, t), [0, 1, 1, 0])
+    np.testing.assert_array_equal(labels.relaxed_targets(data, 0.0), [0, 0, 0, 0])  # = hard
+
+
+def test_relaxed_switcher_trains_and_routes(runs, tmp_path):
+    root, _, config = runs
+    from dmd_jax.jobs import switcher as switcher_job
+    summary = switcher_job.run(config("switcher", **{"switcher.targets": ("relaxed",)}),
+                               str(tmp_path))
+    calibration = labels.read_split(f"{root}/label", "calibration")
+    gaps = labels.relaxation_gap(calibration)
+    assert summary["relaxation"] == pytest.approx(labels.balanced_relaxation(calibration))
+    rate = np.mean(gaps <= summary["relaxation"])
+    assert abs(rate - 0.5) <= min(abs(np.mean(gaps <= t) - 0.5) for t in gaps) + 1e-9
+    module, params, info = switcher.load(f"{tmp_path}/relaxed/switcher")
+    assert info["target"] == "relaxed"
