@@ -224,16 +224,16 @@ def test_eata_equals_its_reference(models, batches):
     assert_same_run(edge, ours, eata.state["params"], expected, reference)
 
 
-@pytest.mark.parametrize("bound", [0.2, 1.0])  # 1.0: its loss average falls below: resets
-def test_sar_equals_its_reference(models, batches, bound):
-    torch_edge, edge = models[0], models[1]
+def torch_sar(torch_edge, batches, bound):
+    """SAR's forward_and_adapt_sar (SAM's two steps) then SAR.forward's reset rule, as the
+    authors' code; returns the scored logits, the model, the loss average after each
+    batch and the number of resets."""
     e0, rho = MARGIN * math.log(CLASSES), 0.05
-    sar, mesh = method("sar", edge, reset_loss_ema=bound, margin_factor=MARGIN)
     reference, params = configure(torch_edge)
     source_state = copy.deepcopy(reference.state_dict())
     optimizer = torch.optim.SGD(params, LR, momentum=0.9)
-    ema, expected, resets = None, [], 0
-    for b in batches:  # forward_and_adapt_sar with SAM's two steps, then SAR.forward
+    ema, expected, emas, resets = None, [], [], 0
+    for b in batches:
         x = torch_input(b)
         logits = reference(x)
         ent = entropy(logits)
@@ -259,13 +259,29 @@ def test_sar_equals_its_reference(models, batches, bound):
             reference.load_state_dict(source_state, strict=False)
             resets += 1
         expected.append(logits.detach().numpy())
+        emas.append(ema)
+    return expected, reference, emas, resets
+
+
+def test_sar_equals_its_reference(models, batches):
+    """One run through both of SAR's paths: the reset bound is set between the loss
+    average after the second and the third batch, so the first two batches adapt and the
+    last two reset (parameters to the source; momentum and the average carry over)."""
+    torch_edge, edge = models[0], models[1]
+    _, _, emas, _ = torch_sar(torch_edge, batches, bound=-1.0)  # the averages, never reset
+    assert emas[2] < emas[1], emas  # falling: a bound between them resets from batch 3 on
+    bound = (emas[1] + emas[2]) / 2
+    expected, reference, _, resets = torch_sar(torch_edge, batches, bound)
+    sar, mesh = method("sar", edge, reset_loss_ema=bound, margin_factor=MARGIN)
     ours, results = run_jax(sar, mesh, batches)
-    assert sum(r.self_resets for r in results) == resets
-    assert (resets > 0) == (bound == 1.0)
-    reset_last = results[-1].self_resets == 1  # then its parameters are the source's again
-    # SAM's ascent step makes SAR the most sensitive to rounding: a wider tolerance.
+    assert [r.self_resets for r in results] == [0, 0, 1, 1] and resets == 2
+    # SAM's ascent step makes SAR the most sensitive to rounding: a wider tolerance. The
+    # last batch reset: its parameters are the source's again.
     assert_same_run(edge, ours, sar.state["params"], expected, reference, atol=6e-4,
-                    moved=not reset_last)
+                    moved=False)
+    unadapted, _ = configure(torch_edge)
+    with torch.no_grad():  # batch 1 was scored by the model batch 0 had adapted
+        assert not np.allclose(ours[1], unadapted(torch_input(batches[1])).numpy(), atol=1e-3)
 
 
 def test_cema_cloud_step_equals_its_reference(models, batches):
