@@ -39,7 +39,8 @@ from dmd_jax.data import pipeline  # noqa: E402
 # other worker need not wait for that build.
 SLOW_FIRST = ("tests/jobs/multiprocess_test.py", "tests/jobs/train_resume_test.py",
               "tests/jobs/train_vs_pmap_reference_test.py", "tests/gcs_test.py",
-              "tests/faults_test.py", "tests/convert/xclip_vs_reference_test.py")
+              "tests/faults_test.py", "tests/convert/xclip_vs_reference_test.py",
+              "tests/tta/methods_vs_reference_test.py", "tests/jobs/adapt_test.py")
 
 
 def pytest_collection_modifyitems(config, items):
