@@ -664,18 +664,28 @@ def _plot_upload(path: str, summary: dict[str, Any]) -> None:
 
 
 def _plot_batches(path: str, summary: dict[str, Any]) -> None:
-    """Accuracy by batch index within the stream (mean over streams and seeds, smoothed
-    over a few batches): whether a method keeps improving, stalls or collapses."""
+    """By batch index within the stream (mean over streams and seeds): the online
+    (cumulative) accuracy, and each method's accuracy minus the reference's (`norm`, else
+    the first method) smoothed over a few batches: whether a method keeps gaining on
+    plain test-batch normalisation, stalls or collapses."""
     plt = reporting.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, m in summary["methods"].items():
+    methods = summary["methods"]
+    reference = "norm" if "norm" in methods else next(iter(methods))
+    base = np.asarray(methods[reference]["batch_accuracy"])
+    fig, (online, gain) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for name, m in methods.items():
         curve = np.asarray(m["batch_accuracy"])
-        window = max(1, len(curve) // 32)
-        smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
-        ax.plot(np.arange(len(smooth)) + (window - 1) / 2, smooth, label=name, lw=1.2)
-    ax.set_xlabel(f"batch of the stream ({summary['batch_size']} clips)")
-    ax.set_ylabel("accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+        batches = np.arange(1, len(curve) + 1)
+        online.plot(batches, np.cumsum(curve) / batches, label=name, lw=1.2)
+        window = max(1, len(curve) // 16)
+        smooth = np.convolve(curve - base, np.ones(window) / window, mode="valid")
+        gain.plot(np.arange(len(smooth)) + (window + 1) / 2, 100 * smooth, label=name, lw=1.2)
+    online.set_ylabel("online accuracy (clips so far)")
+    gain.set_ylabel(f"accuracy − {reference}'s (points, {max(1, len(base) // 16)}-batch mean)")
+    gain.set_yscale("symlog", linthresh=1.0)  # linear within ±1 point: small gains show
+    for ax in (online, gain):
+        ax.set_xlabel(f"batch of the stream ({summary['batch_size']} clips)")
+        ax.grid(alpha=0.3)
+    gain.legend(fontsize=7, loc="best")
     fig.tight_layout()
     files.save_figure(fig, path)
