@@ -142,6 +142,11 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
             # the clips kept at the edge by alpha, with probability 1 - delta.
             guarantee_alphas=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5),
             guarantee_delta=0.1,
+            # Test splits the label job saw corrupted ('test@fog@3', in label.splits): the
+            # routers under shift, and the deployed threshold recalibrated on the first
+            # `recalibration_window` clips' scores.
+            shift_splits=(),
+            recalibration_window=256,
         ),
     ))
 

@@ -85,18 +85,37 @@ def auc_difference(priority: np.ndarray, baseline: np.ndarray, edge_correct: np.
     decimal, well inside the sampling noise of which clips the edge gets wrong; the
     interval says whether a difference is more than that. Both routers are scored on
     the same resampled clips (paired), which cancels most of that noise."""
+    return _paired_difference(priority, baseline, edge_correct, cloud_correct, num_resamples,
+                              seed, lambda curve, edge, cloud: float(np.mean(curve)))
+
+
+def apgr_difference(priority: np.ndarray, baseline: np.ndarray, edge_correct: np.ndarray,
+                    cloud_correct: np.ndarray, num_resamples: int = 1000,
+                    seed: int = 0) -> dict[str, float]:
+    """APGR(priority) - APGR(baseline), with a 95% paired-bootstrap interval over the clips
+    (each resample's own edge and cloud accuracies)."""
+    return _paired_difference(
+        priority, baseline, edge_correct, cloud_correct, num_resamples, seed,
+        lambda curve, edge, cloud: float(np.mean(pgr(curve, edge, cloud))))
+
+
+def _paired_difference(priority, baseline, edge_correct, cloud_correct, num_resamples, seed,
+                       statistic) -> dict[str, float]:
     edge_correct, cloud_correct = np.asarray(edge_correct), np.asarray(cloud_correct)
     priority, baseline = np.asarray(priority), np.asarray(baseline)
 
     def difference(rows: np.ndarray) -> float:
-        a = deferral_curve(priority[rows], edge_correct[rows], cloud_correct[rows])
-        b = deferral_curve(baseline[rows], edge_correct[rows], cloud_correct[rows])
-        return float(np.mean(a) - np.mean(b))
+        edge, cloud = edge_correct[rows], cloud_correct[rows]
+        a = deferral_curve(priority[rows], edge, cloud)
+        b = deferral_curve(baseline[rows], edge, cloud)
+        return statistic(a, edge.mean(), cloud.mean()) - statistic(b, edge.mean(), cloud.mean())
 
     rng = np.random.default_rng(seed)
     n = len(edge_correct)
     resampled = [difference(rng.integers(0, n, n)) for _ in range(num_resamples)]
-    low, high = np.percentile(resampled, [2.5, 97.5])
+    # A resample with edge and cloud equally accurate has no APGR: left out.
+    low, high = (np.nanpercentile(resampled, [2.5, 97.5]) if not np.all(np.isnan(resampled))
+                 else (math.nan, math.nan))
     return {"difference": difference(np.arange(n)), "ci95_low": float(low),
             "ci95_high": float(high)}
 

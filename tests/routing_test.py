@@ -161,3 +161,16 @@ def test_guaranteed_threshold_bounds_the_disagreement_it_promises():
     assert np.mean(kept_rates) > 0.3  # not vacuous: it keeps a good share at the edge
     # Clopper-Pearson: 0 failures in 10 trials bounds the rate by 1 - delta^(1/10).
     assert routing.clopper_pearson_upper(0, 10, 0.1) == pytest.approx(1 - 0.1 ** 0.1)
+
+
+def test_apgr_difference_is_paired_and_exact_on_the_full_sample():
+    rng = np.random.default_rng(0)
+    edge, cloud = rng.random(400) < 0.6, rng.random(400) < 0.9
+    good, noise = (cloud.astype(float) - edge) + 0.1 * rng.random(400), rng.random(400)
+    same = routing.apgr_difference(good, good, edge, cloud, 50)
+    assert same["difference"] == same["ci95_low"] == same["ci95_high"] == 0.0
+    d = routing.apgr_difference(good, noise, edge, cloud, 200)
+    e, c = edge.mean(), cloud.mean()
+    apgr = lambda p: np.mean(routing.pgr(routing.deferral_curve(p, edge, cloud), e, c))
+    assert d["difference"] == pytest.approx(apgr(good) - apgr(noise))
+    assert 0 < d["ci95_low"] < d["difference"] < d["ci95_high"]

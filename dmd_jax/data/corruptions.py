@@ -166,6 +166,20 @@ CORRUPTIONS: dict[str, Corruption] = {
 TEMPORAL = ("frame_rate", "freeze", "reverse", "jumble")
 
 
+def parse_shifted(split: str) -> tuple[str, str | None, int | None]:
+    """`'test@fog@3'` -> `('test', 'fog', 3)`: a split seen under a corruption (the label
+    job's shifted splits); a plain name -> `(name, None, None)`."""
+    if "@" not in split:
+        return split, None, None
+    base, _, rest = split.partition("@")
+    name, _, severity = rest.partition("@")
+    if name not in CORRUPTIONS or severity not in ("1", "2", "3", "4", "5"):
+        raise ConfigValueError(
+            f"split {split!r}: a shifted split is SPLIT@CORRUPTION@SEVERITY with a corruption "
+            f"of {sorted(CORRUPTIONS)} and a severity 1-5, e.g. 'test@fog@3'")
+    return base, name, int(severity)
+
+
 def corrupt(clip: jnp.ndarray, name: str, severity: int, key: jax.Array) -> jnp.ndarray:
     """`clip` under corruption `name` at `severity` (1-5), same shape and dtype.
 

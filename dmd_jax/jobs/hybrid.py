@@ -11,7 +11,13 @@ logits, ground truth) and builds every router of `config.hybrid.routers`
    over offload rates 0..1 (deferral curves) and summarises them (AUC, APGR, CPT, oracle
    gap);
 3. reports the operating point: realised offload rate, accuracy, GFLOPs per clip (XLA's
-   count for each compiled model, lowered on shapes only) and upload bytes.
+   count for each compiled model, lowered on shapes only) and upload bytes;
+4. under distribution shift (`hybrid.shift_splits`: test splits the label job saw
+   corrupted, `'test@fog@3'`): every router's APGR, the learned routers' APGR minus
+   `max_prob`'s with a paired bootstrap interval, and the deployed router's realised
+   offload at its clean-calibrated threshold against the target (it drifts: the shift
+   moves the scores) and after recalibrating the threshold on the split's first
+   `recalibration_window` clips (their scores only, no labels; realised on the rest).
 
 Writes `summary.json`, `predictions.npz` (per test clip, with every router's score),
 `curves.npz`, `operating_point.json` (what `hybrid.HybridClassifier.from_dirs` needs:
@@ -38,7 +44,7 @@ SECTIONS = ("edge", "cloud", "hybrid", "runtime")
 KEYS = {"hybrid": ("label_dir", "switcher_dir", "routers", "deploy", "compare_with_max_prob",
                    "calibration_split", "test_split", "compute_budget", "gflops_budget",
                    "target_offload", "fusion", "bootstrap_resamples", "guarantee_alphas",
-                   "guarantee_delta"),
+                   "guarantee_delta", "shift_splits", "recalibration_window"),
         "edge": ("path",), "cloud": ("path",)}
 FUSION_GRID = np.round(np.linspace(0.0, 1.0, 21), 2)
 REFERENCES = ("random", "oracle")  # curves, not deployable routers
@@ -103,6 +109,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 -test[name], -test["max_prob"], answers["edge_correct"],
                 answers["cloud_side_correct"], cfg.bootstrap_resamples, config.seed)
     summary = {
+        "shift": {name: under_shift(cfg, built, name, threshold, rate, weight, config.seed)
+                  for name in cfg.shift_splits},
         "guarantees": guarantees(cfg, calibration, test),
         "edge_accuracy": edge_accuracy, "cloud_accuracy": cloud_accuracy,
         "cloud_fused_accuracy": float(answers["cloud_side_correct"].mean()),
@@ -122,6 +130,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     files.write_text(os.path.join(workdir, "report.md"), markdown(summary))
     reporting.log(markdown(summary))
     return summary
+
+
+def under_shift(cfg: ml_collections.ConfigDict, built: dict[str, routers.Router], split: str,
+                threshold: float, rate: float, weight: float, seed: int) -> dict[str, Any]:
+    """The routers on a shifted split (see the module docstring, step 4)."""
+    data = _with_scores(built, labels.read_split(cfg.label_dir, split))
+    answers = _answers(data, weight)
+    edge_correct, cloud_correct = answers["edge_correct"], answers["cloud_side_correct"]
+    curves = {name: routing.deferral_curve(-data[name], edge_correct, cloud_correct)
+              for name in built}
+    edge_accuracy, cloud_accuracy = float(edge_correct.mean()), float(cloud_correct.mean())
+    apgr = {name: float(np.mean(routing.pgr(c, edge_accuracy, cloud_accuracy)))
+            for name, c in curves.items()}
+    versus = {}
+    if cfg.bootstrap_resamples > 0 and "max_prob" in built:
+        versus = {name: routing.apgr_difference(-data[name], -data["max_prob"], edge_correct,
+                                                cloud_correct, cfg.bootstrap_resamples, seed)
+                  for name in cfg.compare_with_max_prob}
+    scores = data[cfg.deploy]
+    window = min(cfg.recalibration_window, len(scores) // 2)
+    recalibrated = routing.threshold_for_rate(scores[:window], rate)
+    offloaded = scores < threshold
+    correct = np.where(offloaded, cloud_correct, edge_correct)
+    return {"edge_accuracy": edge_accuracy, "cloud_accuracy": cloud_accuracy,
+            "apgr": apgr, "apgr_vs_max_prob": versus, "target_offload": rate,
+            "offload_rate": float(offloaded.mean()), "accuracy": float(correct.mean()),
+            "recalibration_window": window,
+            "recalibrated_offload_rate": float(np.mean(scores[window:] < recalibrated)),
+            "num_clips": int(len(scores))}
 
 
 def guarantees(cfg: ml_collections.ConfigDict, calibration: dict[str, np.ndarray],
@@ -305,6 +342,23 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {row['alpha']:.2f} | {ok['test_disagreement']:.3f} | "
                          f"{ok['test_offload_rate']:.1%} | {plain['test_disagreement']:.3f} | "
                          f"{plain['test_offload_rate']:.1%} |")
+    if summary.get("shift"):
+        learned = sorted({n for s in summary["shift"].values() for n in s["apgr_vs_max_prob"]})
+        lines += ["", f"Under shift ({summary.get('deployed_router')} deployed at its clean "
+                  "threshold; recalibrated: the threshold re-set on the split's first clips' "
+                  "scores, realised on the rest; APGR differences with 95% paired bootstrap "
+                  "intervals):", "",
+                  "| split | edge acc. | cloud acc. | offload (target) | recalibrated | "
+                  "accuracy | " + " | ".join(f"{n} − max_prob APGR" for n in learned) + " |",
+                  "|---|---|---|---|---|---|" + "---|" * len(learned)]
+        for split, s in summary["shift"].items():
+            cells = [f"{s['apgr_vs_max_prob'][n]['difference']:+.3f} "
+                     f"({s['apgr_vs_max_prob'][n]['ci95_low']:+.3f} .. "
+                     f"{s['apgr_vs_max_prob'][n]['ci95_high']:+.3f})" for n in learned]
+            lines.append(f"| {split} | {s['edge_accuracy']:.3f} | {s['cloud_accuracy']:.3f} | "
+                         f"{s['offload_rate']:.1%} ({s['target_offload']:.0%}) | "
+                         f"{s['recalibrated_offload_rate']:.1%} | {s['accuracy']:.3f} | "
+                         + " | ".join(cells) + " |")
     for name in summary["routers"]:
         versus = summary["routers"][name].get("auc_vs_max_prob")
         if versus:

@@ -6,6 +6,11 @@ device and host, and each clip's edge features and logits, cloud logits and swit
 targets are written in the label format of `dmd_jax.data.labels`. The models' weights
 are arguments of the compiled step, not constants baked into it.
 
+A split named `SPLIT@CORRUPTION@SEVERITY` (`'test@fog@3'`) is SPLIT with every clip
+corrupted on the device as the adapt job corrupts it (the corruption's noise keyed by
+`SHIFT_SEED` and the clip's id): the clips a deployed router meets under distribution shift
+(`config.hybrid.shift_splits`).
+
 Chunks are written atomically, each holding a fixed range of clips: a killed run started
 again skips the chunks on disk and recomputes only the missing or damaged ones, so no clip
 is lost or written twice. The workdir's stamp records the models (fingerprints), the data
@@ -14,6 +19,7 @@ and the settings; labels made with others are never reused.
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -23,9 +29,10 @@ import ml_collections
 import numpy as np
 
 from dmd_jax import files, jobs, model_store, parallel, reporting, stamps
-from dmd_jax.data import labels, pipeline
+from dmd_jax.data import corruptions, labels, pipeline
 from dmd_jax.errors import UserError, check_positive
 
+SHIFT_SEED = 0  # the corruptions' noise in shifted splits (the adapt job's first seed)
 SECTIONS = ("data", "edge", "cloud", "label", "runtime")
 KEYS = {"label": ("splits", "switcher_split", "batch_size", "chunk_size"),
         "edge": ("path",), "cloud": ("path",)}
@@ -61,9 +68,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     step = lambda video: infer(*weights, video)
 
     summary: dict[str, Any] = {"splits": {}, "devices": parallel.describe()}
-    for split_name in cfg.splits:
-        split = pipeline.open_split(builder, config.data, split_name)
-        summary["splits"][split_name] = _label_split(step, split, cfg, mesh, workdir)
+    shifted = {name: corruptions.parse_shifted(name) for name in cfg.splits}  # checked first
+    for split_name, (base, corruption, severity) in shifted.items():
+        split = pipeline.open_split(builder, config.data, base)
+        split.name = split_name  # its folder in the label dir
+        prepare = functools.partial(_on_mesh, mesh=mesh, corruption=corruption,
+                                    severity=severity)
+        summary["splits"][split_name] = _label_split(step, prepare, split, cfg, mesh, workdir)
     main = summary["splits"].get(cfg.switcher_split) or next(iter(summary["splits"].values()))
     summary.update(num_labelled=main["num_clips"], agreement_rate=main["agreement_rate"])
     files.write_json(files.path(workdir) / "summary.json", summary)
@@ -81,7 +92,22 @@ def edge_and_cloud(edge: model_store.LoadedModel, cloud: model_store.LoadedModel
             "cloud_logits": cloud_logits.astype(jnp.float32)}
 
 
-def _label_split(infer, split: pipeline.Split, cfg: ml_collections.ConfigDict, mesh,
+def _on_mesh(batch: dict[str, np.ndarray], mesh, corruption: str | None,
+             severity: int | None) -> jax.Array:
+    """A host batch's clips on the mesh, corrupted for a shifted split."""
+    video = parallel.to_global(batch["video"], mesh)
+    if corruption is None:
+        return video
+    ids = parallel.to_global(batch["id"], mesh)
+    return _corrupt(video, ids, corruption, severity)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _corrupt(video: jax.Array, ids: jax.Array, corruption: str, severity: int) -> jax.Array:
+    return corruptions.corrupt_clips(video, ids, corruption, severity, SHIFT_SEED)
+
+
+def _label_split(infer, prepare, split: pipeline.Split, cfg: ml_collections.ConfigDict, mesh,
                  workdir: str) -> dict[str, Any]:
     """Labels every chunk of `split` not yet on disk; returns the split's statistics."""
     chunks = range(0, len(split), cfg.chunk_size)
@@ -100,7 +126,7 @@ def _label_split(infer, split: pipeline.Split, cfg: ml_collections.ConfigDict, m
         parts = []
         for batch in pipeline.prefetch(pipeline.eval_batches(split, cfg.batch_size, rows,
                                                              start, stop)):
-            outputs = parallel.fetch(infer(parallel.to_global(batch["video"], mesh)))
+            outputs = parallel.fetch(infer(prepare(batch)))
             host = parallel.gather_host_rows({k: batch[k] for k in ("label", "id", "mask")})
             keep = host["mask"].astype(bool)
             parts.append({**{k: v[keep] for k, v in outputs.items()},

@@ -213,3 +213,39 @@ def test_relaxed_switcher_trains_and_routes(runs, tmp_path):
     assert abs(rate - 0.5) <= min(abs(np.mean(gaps <= t) - 0.5) for t in gaps) + 1e-9
     module, params, info = switcher.load(f"{tmp_path}/relaxed/switcher")
     assert info["target"] == "relaxed"
+
+
+def test_routers_under_shift(runs, tmp_path):
+    """The label job labels the test split seen under a corruption; the hybrid job
+    evaluates every router there: APGRs, the learned switchers' APGR minus max_prob's
+    with intervals, the deployed threshold's realised offload and its recalibration."""
+    import shutil
+
+    root, summaries, config = runs
+    from dmd_jax.jobs import hybrid as hybrid_job
+    shutil.copytree(f"{root}/label", tmp_path / "label")
+    shifted = ("test@gaussian_noise@5", "test@fog@1")
+    label.run(config("label", **{"label.splits": shifted}), str(tmp_path / "label"))
+    clean, noisy = (labels.read_split(str(tmp_path / "label"), s)
+                    for s in ("test", "test@gaussian_noise@5"))
+    np.testing.assert_array_equal(clean["id"], noisy["id"])
+    assert not np.allclose(clean["edge_logits"], noisy["edge_logits"], atol=1e-3)
+    summary = hybrid_job.run(config("hybrid", **{
+        "hybrid.label_dir": str(tmp_path / "label"), "hybrid.shift_splits": shifted,
+        "hybrid.recalibration_window": 8, "hybrid.bootstrap_resamples": 50}),
+        str(tmp_path / "hybrid"))
+    point = summary["operating_point"]
+    for split in shifted:
+        s = summary["shift"][split]
+        data = labels.read_split(str(tmp_path / "label"), split)
+        scores = switcher.router("hard", __import__("dmd_jax").routers.Context(
+            switcher_dir=f"{root}/switcher")).scores(data["edge_features"], data["edge_logits"])
+        assert s["offload_rate"] == pytest.approx(np.mean(scores < point["threshold"]))
+        assert s["target_offload"] == point["target_offload"]
+        assert set(s["apgr"]) == set(summaries["hybrid"]["routers"]) - {"random", "oracle"}
+        for versus in s["apgr_vs_max_prob"].values():
+            assert versus["ci95_low"] <= versus["difference"] <= versus["ci95_high"] or \
+                np.isnan(versus["difference"])
+        assert 0.0 <= s["recalibrated_offload_rate"] <= 1.0
+    report = (tmp_path / "hybrid" / "report.md").read_text()
+    assert "Under shift" in report and "test@fog@1" in report
