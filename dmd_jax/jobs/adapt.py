@@ -84,15 +84,18 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     clean = {seed: _clean_accuracy(edge, split, cfg, seed, mesh, workdir, identity, overwrite)
              for seed in seeds}
     results: dict[str, dict[int, dict[str, dict[str, np.ndarray]]]] = {}
-    methods: dict[tuple[str, int], Method] = {}  # built on first need
+    # Built on first need, one at a time (a CEMA cloud holds the teacher and its buffer):
+    # a finished method costs nothing to resume.
+    built: tuple[tuple[str, int], Method] | None = None
     for job in jobs_:
         outcome = saved[job.key]
         if outcome is None:
-            if (job.name, job.seed) not in methods:
-                methods[job.name, job.seed] = tta.build(
-                    cfg, job.name, edge, _context(config, job.name, builder, mesh, job.seed))
+            if built is None or built[0] != (job.name, job.seed):
+                built = None
+                built = ((job.name, job.seed), tta.build(
+                    cfg, job.name, edge, _context(config, job.name, builder, mesh, job.seed)))
             reader = streams.StreamReader(split, cfg.batch_size, mesh, job.seed)
-            outcome = job.run(methods[job.name, job.seed], reader)
+            outcome = job.run(built[1], reader)
         results.setdefault(job.name, {}).setdefault(job.seed, {})[job.stream.name] = outcome
 
     summary = summarize(results, clean, cfg, pairs)
