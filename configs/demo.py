@@ -51,6 +51,10 @@ def data_config(size: str = "demo") -> ml_collections.ConfigDict:
         # The jobs' split names -> tfds split specs, for datasets published with other
         # splits (e.g. unlabelled='train[50%:90%]'); unset names are used as they are.
         split_specs={},
+        # The views models see (dmd_jax.data.views): the embedded clips are short, so one
+        # window of the whole clip; no flips (half the classes are left/right twins).
+        views=dict(sampling_rate=0, train_scale=(1.0, 1.0), flip=False, temporal=1, spatial=1),
+        workers=0,  # loader processes decoding batches (0: threads of the job's process)
     ))
 
 

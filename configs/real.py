@@ -26,6 +26,8 @@ import sys
 
 import ml_collections
 
+from dmd_jax.data import pipeline
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import demo  # noqa: E402  (the stage structure and the papers' settings live there)
 
@@ -33,12 +35,12 @@ HALVES = {"train": "train[:50%]", "unlabelled": "train[50%:90%]", "calibration":
 DATASETS = {
     # name: (config.data overrides, split_specs, number of classes)
     "ucf101": (dict(name="ucf101", tfds_config="ucf101_1_256"), {**HALVES, "test": "test"}, 101),
-    "hmdb51": (dict(name="video_folder", root=""), {**HALVES, "test": "test"}, 51),
-    "kinetics400": (dict(name="video_folder", root=""), {"train": "train[:80%]",
+    "hmdb51": (dict(name="video_folder"), {**HALVES, "test": "test"}, 51),
+    "kinetics400": (dict(name="video_folder"), {"train": "train[:80%]",
                                                  "unlabelled": "train[80%:98%]",
                                                  "calibration": "train[98%:]",
                                                  "test": "validation"}, 400),
-    "ssv2": (dict(name="video_folder", root=""), {"train": "train[:60%]", "unlabelled": "train[60%:95%]",
+    "ssv2": (dict(name="video_folder"), {"train": "train[:60%]", "unlabelled": "train[60%:95%]",
                                          "calibration": "train[95%:]", "test": "validation"}, 174),
 }
 CLOUDS = ("videomae", "xclip")
@@ -70,7 +72,7 @@ def parse(arg: str) -> tuple[str, str, str]:
 def data_config(dataset: str) -> ml_collections.ConfigDict:
     overrides, specs, _ = DATASETS[dataset]
     data = demo.data_config()
-    data.update(overrides)
+    data.update({**pipeline.DATASET_DEFAULTS[overrides["name"]], **overrides})
     data.update(frames=CLOUD_CLIP[0], size=CLOUD_CLIP[1], prepare=True, split_specs=specs)
     del data.split_sizes, data.ceiling_cameras  # the synthetic dataset's only
     return data

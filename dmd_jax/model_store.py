@@ -22,7 +22,7 @@ import ml_collections
 from etils import epath
 
 from dmd_jax import checkpoint, files, models, reporting
-from dmd_jax.data import pipeline
+from dmd_jax.data import pipeline, views
 from dmd_jax.errors import UserError
 
 INFO_FILE = "model.json"
@@ -63,8 +63,10 @@ class LoadedModel:
     def apply(self, variables: Mapping[str, Any],
               clips: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
         """Inference on uint8 clips of any length and size: resampled to this model's
-        `input_shape` (a no-op when they match), normalised with its own statistics."""
-        return self.logits_and_features(variables, self.prepare(clips))
+        `input_shape` (a no-op when they match), normalised with its own statistics.
+        Clips with several evaluation views `(B, V, T, H, W, 3)` give the views' mean."""
+        return views.average_over_views(
+            lambda video: self.logits_and_features(variables, self.prepare(video)), clips)
 
     def prepare(self, clips: jnp.ndarray) -> jnp.ndarray:
         """uint8 clips -> this model's normalised input."""

@@ -75,8 +75,7 @@ def dataset_config(data_dir: str, name: str, **overrides):
     data = tiny_config(data_dir).data
     del data.split_sizes, data.ceiling_cameras
     data.name = name
-    data.update({"video_folder": {"root": ""}, "ucf101": {"tfds_config": "ucf101_1_256"}}.get(
-        name, {}))
+    data.update(pipeline.DATASET_DEFAULTS.get(name, {}))
     data.update(overrides)
     return data
 

@@ -1,9 +1,11 @@
 """tensorflow-datasets builders: the embedded synthetic dataset and a folder of videos.
 
-Both write `array_record` files of `tfds.features.Tensor` features, which tfds prepares
-and reads (`tfds.data_source`, random access) without TensorFlow. Every example has
-`video` (uint8, `(T, H, W, 3)`), `label` and `id` (its index in the split), so the
-rest of dmd_jax never cares where a clip came from.
+Both write `array_record` files, which tfds prepares and reads (`tfds.data_source`,
+random access) without TensorFlow. Every example has `label` and `id` (its index in the
+split) and either `video` (uint8 `(T, H, W, 3)`: the synthetic dataset, a folder stored
+`raw`) or `encoded` (the video file's bytes, with `num_frames`, `fps`, `height`,
+`width` and `path`: a folder stored `encoded`). `dmd_jax.data.pipeline.Split` turns
+either into the views a model sees, so the rest of dmd_jax never cares which.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dmd_jax.data import synthetic, video_folder
+from dmd_jax.data import synthetic, video_codec, video_folder
 from dmd_jax.errors import ConfigValueError
 
 
@@ -114,44 +116,86 @@ def _render_chunk(args) -> list[tuple[int, dict]]:
     return out
 
 
+def flippable_classes(builder: tfds.core.DatasetBuilder) -> np.ndarray:
+    """Per class, whether a horizontally flipped clip keeps its label: not for the
+    synthetic dataset's left/right twins (`synthetic.MIRROR_INVARIANT`), nor for a folder
+    declared `flip_safe=False` (Something-Something: "left to right" is the label)."""
+    names = builder.info.features["label"].names
+    if isinstance(builder, SyntheticActions):
+        return np.asarray([n in synthetic.MIRROR_INVARIANT for n in names])
+    safe = getattr(builder.builder_config, "flip_safe", True)
+    return np.full(len(names), bool(safe))
+
+
+def _encoded_features(names: tuple[str, ...]) -> tfds.features.FeaturesDict:
+    """A video kept as its encoded file's bytes, with what sampling a view needs to know
+    without decoding it: its frame count, average rate and size."""
+    return tfds.features.FeaturesDict({
+        "encoded": tfds.features.Tensor(shape=(), dtype=np.object_),
+        "path": tfds.features.Tensor(shape=(), dtype=np.object_),  # relative, for messages
+        "num_frames": tfds.features.Tensor(shape=(), dtype=np.int32),
+        "fps": tfds.features.Tensor(shape=(), dtype=np.float32),
+        "height": tfds.features.Tensor(shape=(), dtype=np.int32),
+        "width": tfds.features.Tensor(shape=(), dtype=np.int32),
+        "label": tfds.features.ClassLabel(names=list(names)),
+        "id": tfds.features.Tensor(shape=(), dtype=np.int64),
+    })
+
+
+STORAGE = ("encoded", "raw")
+
+
 @dataclasses.dataclass
 class VideoFolderConfig(tfds.core.BuilderConfig):
-    """A folder `root/<split>/<class>/<video>`; clips decoded to `frames` x `size` x `size`."""
+    """A folder `root/<split>/<class>/<video>`.
+
+    `storage='encoded'` (the default) keeps every video's bytes, re-encoded once to H.264
+    at `short_side` when that is set (else as published), and decodes views on the fly;
+    `'raw'` stores one uniform `frames x size x size` uint8 view per video (the format
+    before encoded storage: ~2.4 MB a clip at 16x224x224)."""
 
     root: str = ""
-    frames: int = 8
-    size: int = 112
+    storage: str = "encoded"
+    short_side: int = 0  # encoded: re-encode videos whose short side is larger (0: never)
+    frames: int = 8  # raw only
+    size: int = 112  # raw only
 
 
 class VideoFolder(tfds.core.GeneratorBasedBuilder):
     """Real videos (HMDB51, Kinetics, ...) laid out one subfolder per class, per split.
 
     Classes are the sorted subfolder names of the first split found; every split must
-    use the same class folders. Decoding uses PyAV (`dmd_jax.data.video_folder`).
-    """
+    use the same class folders. Decoding uses PyAV (`dmd_jax.data.video_codec`). Videos
+    that do not decode are left out with a warning naming them (`skipped`)."""
 
-    VERSION = tfds.core.Version("1.1.0")
-    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Videos stored as raw bytes."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Videos stored as raw bytes.",
+                     "2.0.0": "Videos stored encoded (storage='encoded'), decoded on the fly."}
 
     @classmethod
-    def for_folder(cls, root: str, frames: int, size: int, **kwargs) -> "VideoFolder":
-        """Named by the folder's path, its contents (`video_folder.listing_digest`) and the
-        clip shape: a changed folder is prepared anew."""
+    def for_folder(cls, root: str, frames: int, size: int, storage: str = "encoded",
+                   short_side: int = 0, **kwargs) -> "VideoFolder":
+        """Named by the folder's path, its contents (`video_folder.listing_digest`) and
+        what is stored: a changed folder is prepared anew."""
+        if storage not in STORAGE:
+            raise ConfigValueError(f"config.data.storage={storage!r}: expected one of {STORAGE}")
         root = os.path.abspath(root)
         video_folder.check_layout(root)  # before any work: empty classes and splits are errors
         content = video_folder.listing_digest(root)
-        digest = hashlib.sha256(f"{root}|{frames}|{size}|{content}".encode()).hexdigest()[:10]
-        name = f"{os.path.basename(root.rstrip('/')) or 'root'}_f{frames}_{size}_{digest}"
-        return cls(config=VideoFolderConfig(name=name, root=root, frames=frames, size=size),
-                   **kwargs)
+        shape = (f"f{frames}_{size}" if storage == "raw"
+                 else f"enc{short_side}" if short_side else "enc")
+        digest = hashlib.sha256(f"{root}|{shape}|{content}".encode()).hexdigest()[:10]
+        name = f"{os.path.basename(root.rstrip('/')) or 'root'}_{shape}_{digest}"
+        config = VideoFolderConfig(name=name, root=root, storage=storage, short_side=short_side,
+                                   frames=frames, size=size)
+        return cls(config=config, **kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
-        return self.dataset_info_from_configs(
-            features=_video_features(c.frames, c.size, c.size, video_folder.class_names(c.root)),
-            supervised_keys=("video", "label"),
-            disable_shuffling=True,
-        )
+        names = video_folder.class_names(c.root)
+        features = (_video_features(c.frames, c.size, c.size, names) if c.storage == "raw"
+                    else _encoded_features(names))
+        return self.dataset_info_from_configs(features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
         del dl_manager
@@ -160,23 +204,42 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
                 for split in video_folder.split_names(root)}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-        """Decodable videos only: one that PyAV cannot read is skipped with a warning
-        naming it (and listed in `skipped_videos.json` of the prepared dataset)."""
+        """Decodable videos only, in a stable order; decoded (proven) on several cores."""
         c = self.builder_config
-        classes = video_folder.class_names(c.root)
+        videos = list(video_folder.list_videos(c.root, split, video_folder.class_names(c.root)))
+        jobs = [(path, os.path.relpath(path, c.root), label, c.storage, c.short_side,
+                 c.frames, c.size) for path, label in videos]
+        workers = min(max(len(jobs) // 8, 1), os.cpu_count() or 1)
+        context = multiprocessing.get_context("spawn")
         i = 0
-        for path, label in video_folder.list_videos(c.root, split, classes):
-            try:
-                clip = video_folder.decode(path, c.frames, c.size)
-            except video_folder.VideoDecodeError as err:
-                logging.warning("skipping a video: %s", err)
-                self.skipped.append(path)
-                continue
-            yield i, {"video": clip, "label": label, "id": i}
-            i += 1
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            for (path, *_), result in zip(jobs, pool.map(_store_video, jobs, chunksize=4)):
+                if isinstance(result, str):  # the decoder's complaint
+                    logging.warning("skipping a video: %s", result)
+                    self.skipped.append(path)
+                    continue
+                yield i, {**result, "id": i}
+                i += 1
 
     @property
     def skipped(self) -> list[str]:
         if not hasattr(self, "_skipped"):
             self._skipped = []
         return self._skipped
+
+
+def _store_video(job) -> dict | str:
+    """One video's example (without its id), or why it cannot be stored."""
+    path, relative, label, storage, short_side, frames, size = job
+    try:
+        if storage == "raw":
+            return {"video": video_folder.decode(path, frames, size), "label": label}
+        with open(path, "rb") as f:
+            data = f.read()
+        if short_side:
+            data = video_codec.reencode(data, short_side, relative)
+        info = video_codec.probe(data, relative)
+    except (video_codec.VideoDecodeError, video_folder.VideoDecodeError) as err:
+        return str(err)
+    return {"encoded": data, "path": relative.encode(), "num_frames": info.num_frames,
+            "fps": info.fps, "height": info.height, "width": info.width, "label": label}

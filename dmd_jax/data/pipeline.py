@@ -9,21 +9,20 @@ with no iterator state to save, and 1 host or 64 hosts see the same global batch
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import importlib.util
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
 
-from dmd_jax import config_utils, files, parallel
-from dmd_jax.data import builders, synthetic
+from dmd_jax import config_utils, files, parallel, reporting
+from dmd_jax.data import builders, synthetic, video_codec
+from dmd_jax.data import views as views_lib
 from dmd_jax.errors import ConfigValueError, UserError, check_positive
 
 # Kinetics statistics, as pytorchvideo's X3D and VideoMAE checkpoints expect.
@@ -48,9 +47,17 @@ class TensorFlowNeededError(UserError, ModuleNotFoundError):
 
 
 # config.data: the keys every dataset takes, and each dataset's own.
-DATA_KEYS = ("name", "data_dir", "cache_dir", "prepare", "seed", "frames", "size", "split_specs")
+DATA_KEYS = ("name", "data_dir", "cache_dir", "prepare", "seed", "frames", "size", "split_specs",
+             "views", "workers")
 DATASET_KEYS = {"synthetic_actions": ("split_sizes", "ceiling_cameras"),
-                "video_folder": ("root",), "ucf101": ("tfds_config",)}
+                "video_folder": ("root", "storage", "short_side"), "ucf101": ("tfds_config",)}
+# Defaults of the real datasets' own keys (configs start from these).
+DATASET_DEFAULTS = {
+    # storage 'encoded': the videos' bytes, decoded on the fly ('raw': one uint8 view);
+    # short_side > 0: re-encode (once, H.264) videos whose short side is larger.
+    "video_folder": dict(root="", storage="encoded", short_side=0),
+    "ucf101": dict(tfds_config="ucf101_1_256"),
+}
 
 
 def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
@@ -71,7 +78,8 @@ def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
         if not data.root:
             raise UserError("config.data.name='video_folder' needs the folder of videos: "
                             "--config.data.root=DIR (laid out DIR/<split>/<class>/<video>)")
-        return builders.VideoFolder.for_folder(data.root, data.frames, data.size, **common)
+        return builders.VideoFolder.for_folder(data.root, data.frames, data.size,
+                                               data.storage, int(data.short_side), **common)
     if data.name == "ucf101":
         if importlib.util.find_spec("tensorflow") is None:
             raise TensorFlowNeededError(
@@ -182,6 +190,23 @@ def _download(remote, builder: tfds.core.DatasetBuilder) -> bool:
     return True
 
 
+def storage_report(builder: tfds.core.DatasetBuilder,
+                   data: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Bytes on disk per clip for every split of a prepared dataset, next to what one
+    raw uint8 view at the config's clip shape takes (the format before encoded storage)."""
+    folder = files.path(builder.data_path)
+    splits = {}
+    for name, info in builder.info.splits.items():
+        stored = sum(p.stat().length for p in folder.glob(f"*-{name}.array_record*"))
+        clips = int(info.num_examples)
+        splits[name] = {"clips": clips, "bytes": int(stored),
+                        "encoded_bytes_per_clip": stored / clips if clips else None}
+    return {"dataset": f"{builder.name}/{builder.builder_config.name}",
+            "storage": "encoded" if "encoded" in builder.info.features else "raw",
+            "raw_bytes_per_clip": int(data.frames) * int(data.size) ** 2 * 3,
+            "splits": splits}
+
+
 def dataset_identity(builder: tfds.core.DatasetBuilder,
                      data: ml_collections.ConfigDict) -> dict[str, Any]:
     """What results made from this data depend on, for artifact stamps: the prepared
@@ -189,7 +214,7 @@ def dataset_identity(builder: tfds.core.DatasetBuilder,
     files), the split specs and the clip shape."""
     return {"dataset": f"{builder.name}/{builder.builder_config.name}@{builder.version}",
             "split_specs": dict(data.get("split_specs") or {}),
-            "frames": int(data.frames), "size": int(data.size)}
+            **views_lib.ViewConfig.from_config(data).identity()}
 
 
 class Split:
@@ -199,10 +224,14 @@ class Split:
     so datasets published with only train/test (UCF101, HMDB51) still give the
     unlabelled pool and the calibration set; `+` joins splits (`"train+broad"`). A row's
     `id` is its position in this split (slice): stable across runs, hosts and batchings,
-    which is what resumable labelling and the per-clip corruption keys rely on."""
+    which is what resumable labelling and the per-clip corruption keys rely on.
+
+    `rows` gives the evaluation views of `views` (one clip `(T, S, S, 3)` each, or
+    `(V, T, S, S, 3)` with several), `train_rows` one random training view per row;
+    raw and encoded datasets alike (`dmd_jax.data.views`)."""
 
     def __init__(self, builder: tfds.core.DatasetBuilder, split: str, frames: int, size: int,
-                 name: str | None = None):
+                 name: str | None = None, views: views_lib.ViewConfig | None = None):
         for part in split.split("+"):
             base = part.split("[", 1)[0]
             if base not in builder.info.splits:
@@ -220,63 +249,114 @@ class Split:
             raise DatasetCorruptError(
                 f"the prepared dataset in {builder.data_path} cannot be opened ({err}): delete "
                 "that folder and run again to prepare it anew") from err
-        self._frames, self._size = frames, size
+        self.views = views or views_lib.ViewConfig(frames, size)
         self._builder, self._split_spec = builder, split
+        self.encoded = "encoded" in builder.info.features
         self.num_classes = builder.info.features["label"].num_classes
         self.class_names = tuple(builder.info.features["label"].names)
+        self.flippable = builders.flippable_classes(builder)
+        if self.views.flip and not self.flippable.any():
+            reporting.log(f"[data] {builder.name}: no class may be flipped (left/right "
+                          "matters to every class); config.data.views.flip has no effect")
 
     def __len__(self) -> int:
         return len(self._source)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for the loader's worker processes without the open reader: each
+        process opens its own (`__setstate__`)."""
+        return {k: v for k, v in self.__dict__.items() if k != "_source"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._source = self._builder.as_data_source(split=self._split_spec)
+
     def labels(self) -> np.ndarray:
         """Every row's label, read without decoding a frame (a class-ordered stream needs
         them before any clip is read)."""
+        heavy = "encoded" if self.encoded else "video"
         source = self._builder.as_data_source(
-            split=self._split_spec, decoders={"video": tfds.decode.SkipDecoding()})
+            split=self._split_spec, decoders={heavy: tfds.decode.SkipDecoding()})
         rows = range(len(source))
         return np.asarray([e["label"] for start in rows[::1024]
                            for e in source.__getitems__(list(rows[start:start + 1024]))],
                           np.int32)
 
     def rows(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The rows' evaluation views (`video` `(B, T, S, S, 3)`, or `(B, V, ...)` for
+        V > 1 views)."""
+        examples = self._read(indices)
+        clips = [self._render(e, views_lib.eval_views(self.views, self._num_frames(e)))
+                 for e in examples]
+        video = np.stack(clips)
+        return self._batch(video[:, 0] if self.views.num_eval_views == 1 else video,
+                           examples, indices)
+
+    def train_rows(self, indices: np.ndarray, seed: int, step: int,
+                   positions: np.ndarray) -> dict[str, np.ndarray]:
+        """One training view per row, drawn from `(seed, step, position in the global
+        batch)`: the same on every host and after a resume."""
+        examples = self._read(indices)
+        clips = []
+        for example, position in zip(examples, positions):
+            rng = views_lib.rng_for(seed, step, int(position))
+            view = views_lib.train_view(self.views, self._num_frames(example), rng,
+                                        bool(self.flippable[example["label"]]))
+            clips.append(self._render(example, [view])[0])
+        return self._batch(np.stack(clips), examples, indices)
+
+    def _read(self, indices: np.ndarray) -> list[dict[str, Any]]:
         try:
-            examples = self._source.__getitems__([int(i) for i in indices])
+            return self._source.__getitems__([int(i) for i in indices])
         except (RuntimeError, OSError, ValueError) as err:  # array_record's reader errors
             first = (str(err).strip().splitlines() or [""])[0][:200]
             raise DatasetCorruptError(
                 f"split {self.name!r} of the prepared dataset in {self._folder} cannot be read "
                 f"({first}): its files are truncated or damaged. Delete that folder and run "
                 "again to prepare the dataset anew.") from err
-        return {
-            "video": np.stack([_fit_clip(e["video"], self._frames, self._size) for e in examples]),
-            "label": np.asarray([e["label"] for e in examples], np.int32),
-            "id": np.asarray(indices, np.int32),
-        }
+
+    @staticmethod
+    def _batch(video: np.ndarray, examples: list[dict[str, Any]],
+               indices: np.ndarray) -> dict[str, np.ndarray]:
+        return {"video": video, "label": np.asarray([e["label"] for e in examples], np.int32),
+                "id": np.asarray(indices, np.int32)}
+
+    def _num_frames(self, example: dict[str, Any]) -> int:
+        return int(example["num_frames"]) if self.encoded else len(example["video"])
+
+    def _render(self, example: dict[str, Any], views: list[views_lib.View]) -> np.ndarray:
+        """`(len(views), T, S, S, 3)`: decoded once per short side, then cropped."""
+        out: list[np.ndarray | None] = [None] * len(views)
+        for short in sorted({v.short_side for v in views}):
+            group = [k for k, v in enumerate(views) if v.short_side == short]
+            wanted = np.unique(np.concatenate([views[k].indices for k in group]))
+            frames = self._frames(example, wanted, short)
+            for k in group:
+                chosen = frames[np.searchsorted(wanted, views[k].indices)]
+                out[k] = views_lib.crop(chosen, views[k], self.views.size)
+        return np.stack(out)
+
+    def _frames(self, example: dict[str, Any], indices: np.ndarray, short_side: int) -> np.ndarray:
+        if not self.encoded:
+            return views_lib.resize_short_side(example["video"][indices], short_side)
+        name = example["path"].decode() if isinstance(example["path"], bytes) else example["path"]
+        try:
+            return video_codec.decode(example["encoded"], indices, short_side, name)
+        except video_codec.VideoDecodeError as err:
+            raise DatasetCorruptError(
+                f"split {self.name!r}: {err}. It decoded when the dataset was prepared in "
+                f"{self._folder}, so the stored bytes are damaged: delete that folder and run "
+                "again to prepare the dataset anew.") from err
 
 
 def open_split(builder: tfds.core.DatasetBuilder, data: ml_collections.ConfigDict,
                 name: str) -> Split:
     """The split the jobs call `name` ('train', 'unlabelled', 'calibration', 'test'):
     `data.split_specs[name]` when set (e.g. 'train[50%:90%]' for UCF101's unlabelled
-    pool), else the dataset's split of that name; at the config's clip shape."""
+    pool), else the dataset's split of that name; at the config's clip shape and views."""
     spec = (data.get("split_specs") or {}).get(name, name)
-    return Split(builder, spec, data.frames, data.size, name=name)
-
-
-def _fit_clip(video: np.ndarray, frames: int, size: int) -> np.ndarray:
-    """A stored clip at the config's shape: uniform temporal sampling (datasets stored at
-    their own length, e.g. ucf101), then, if the frames are another size (ucf101_1_256
-    stores 256x256), a centre square crop resized to `size` (the usual test-time view)."""
-    if video.shape[0] != frames:
-        video = video[np.linspace(0, video.shape[0] - 1, frames).round().astype(int)]
-    height, width = video.shape[1:3]
-    if (height, width) != (size, size):
-        side = min(height, width)
-        top, left = (height - side) // 2, (width - side) // 2
-        crops = video[:, top:top + side, left:left + side]
-        video = np.stack([np.asarray(Image.fromarray(f).resize((size, size), Image.BILINEAR))
-                          for f in crops])
-    return video
+    return Split(builder, spec, data.frames, data.size, name=name,
+                 views=views_lib.ViewConfig.from_config(data))
 
 
 def train_indices(num_examples: int, global_batch: int, step: int, seed: int,
@@ -291,47 +371,12 @@ def train_indices(num_examples: int, global_batch: int, step: int, seed: int,
     return out
 
 
-def train_batches(split: Split, global_batch: int, start_step: int, seed: int,
-                  rows: slice) -> Iterator[dict[str, np.ndarray]]:
-    """This host's rows of the global batches at steps `start_step, start_step+1, ...`."""
-    step = start_step
-    while True:
-        yield split.rows(train_indices(len(split), global_batch, step, seed, rows))
-        step += 1
-
-
-def eval_batches(split: Split, global_batch: int, rows: slice, start: int = 0,
-                 stop: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over clips `start..stop` in order; the last batch is padded, `mask`
-    marks the real rows."""
-    stop = len(split) if stop is None else min(stop, len(split))
-    for first in range(start, stop, global_batch):
-        positions = np.arange(first, first + global_batch)[rows]
-        mask = positions < stop
-        batch = split.rows(np.minimum(positions, stop - 1))
-        batch["mask"] = mask
-        yield batch
-
-
-def prefetch(batches: Iterable[Any], depth: int = 2) -> Iterator[Any]:
-    """Loads the next `depth` batches on a background thread while the device computes."""
-    iterator = iter(batches)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = [pool.submit(next, iterator, None) for _ in range(depth)]
-        while True:
-            batch = pending.pop(0).result()
-            if batch is None:
-                return
-            pending.append(pool.submit(next, iterator, None))
-            yield batch
-
-
 def resample(video: jnp.ndarray, frames: int, size: int) -> jnp.ndarray:
     """uint8 clips `(B, T, H, W, 3)` -> `(B, frames, size, size, 3)` on the device.
 
     Models with different input shapes read one prepared dataset (e.g. an X3D-S edge at
-    13x160 and a VideoMAE cloud at 16x224): uniform temporal sampling as in
-    `_fit_clip`, then an antialiased bilinear resize. A no-op at the right shape."""
+    13x160 and a VideoMAE cloud at 16x224): uniform temporal sampling (as
+    `views.eval_views` with sampling_rate 0), then an antialiased bilinear resize. A no-op at the right shape."""
     _, length, height, width, channels = video.shape
     if (length, height, width) == (frames, size, size):
         return video

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax import parallel
-from dmd_jax.data import corruptions, pipeline
+from dmd_jax.data import corruptions, loader, pipeline
 from dmd_jax.errors import ConfigValueError
 
 PROTOCOLS = ("reset", "continual", "gradual", "mixed", "correlated")
@@ -177,8 +177,10 @@ def correlated_order(clips: np.ndarray, labels: np.ndarray, delta: float, seed: 
 class StreamReader:
     """Global batches of a stream: uint8 clips corrupted on the device, and their rows."""
 
-    def __init__(self, split: pipeline.Split, batch_size: int, mesh, seed: int):
+    def __init__(self, split: pipeline.Split, batch_size: int, mesh, seed: int,
+                 workers: int = 0):
         self.split, self.batch_size, self._mesh, self._seed = split, batch_size, mesh, seed
+        self._workers = workers
         self._rows = parallel.host_slice(batch_size)
 
     def batches(self, stream: Stream, first: int = 0
@@ -186,8 +188,9 @@ class StreamReader:
         """`(corrupted clips on the mesh, {label, id, corruption, severity})` per batch,
         from batch `first` on (a stream resumed mid-way)."""
         starts = range(first * self.batch_size, len(stream), self.batch_size)
-        loaded = pipeline.prefetch(self.split.rows(stream.clip[s:s + self.batch_size][self._rows])
-                                   for s in starts)
+        loaded = loader.index_batches(
+            self.split, [stream.clip[s:s + self.batch_size][self._rows] for s in starts],
+            self._workers)
         for start, host in zip(starts, loaded):
             rows = slice(start, start + self.batch_size)
             info = parallel.gather_host_rows({k: host[k] for k in ("label", "id")})

@@ -33,6 +33,8 @@ CLASSES: tuple[str, ...] = (
     "rotate_cw", "rotate_ccw", "grow", "shrink",
     "right_then_left", "left_then_right", "up_then_down", "down_then_up",
 )
+# The classes a horizontal flip leaves as they are (the others turn into their twin).
+MIRROR_INVARIANT = ("move_up", "move_down", "grow", "shrink", "up_then_down", "down_then_up")
 # Bump when rendering changes: it is part of the prepared dataset's name, so stale
 # files are never reused.
 RENDERER_VERSION = 7

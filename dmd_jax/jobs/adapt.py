@@ -35,7 +35,7 @@ import numpy as np
 from flax import serialization
 
 from dmd_jax import files, intervals, jobs, model_store, parallel, reporting, stamps, tta
-from dmd_jax.data import pipeline, streams
+from dmd_jax.data import loader, pipeline, streams
 from dmd_jax.errors import ConfigValueError, UserError, check_positive
 from dmd_jax.tta.adaptable import Adaptable
 from dmd_jax.tta.base import BatchResult, Context, Method
@@ -62,6 +62,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     builder = pipeline.prepare(config.data)
     split = pipeline.open_split(builder, config.data, cfg.split)
+    if split.views.num_eval_views > 1:
+        raise ConfigValueError(
+            f"the adapt job streams one view per clip (the methods adapt on what the edge "
+            f"sees), but config.data.views asks for {split.views.num_eval_views} evaluation "
+            "views: set data.views.temporal=1 and spatial=1 for the adapt stage")
     edge_model = model_store.load(config.edge.path, "edge", config.runtime,
                                   class_names=split.class_names)
     edge = Adaptable.of(edge_model)
@@ -94,7 +99,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 built = None
                 built = ((job.name, job.seed), tta.build(
                     cfg, job.name, edge, _context(config, job.name, builder, mesh, job.seed)))
-            reader = streams.StreamReader(split, cfg.batch_size, mesh, job.seed)
+            reader = streams.StreamReader(split, cfg.batch_size, mesh, job.seed,
+                                          int(config.data.get("workers", 0)))
             outcome = job.run(built[1], reader)
         results.setdefault(job.name, {}).setdefault(job.seed, {})[job.stream.name] = outcome
 
@@ -311,8 +317,9 @@ def _context(config: ml_collections.ConfigDict, name: str, builder, mesh, seed: 
         count = min(clips, len(clean))
         count -= count % cfg.batch_size
         rows = parallel.host_slice(cfg.batch_size)
-        for start in range(0, count, cfg.batch_size):
-            batch = clean.rows(np.arange(start, start + cfg.batch_size)[rows])
+        batches = [np.arange(start, start + cfg.batch_size)[rows]
+                   for start in range(0, count, cfg.batch_size)]
+        for batch in loader.index_batches(clean, batches, int(config.data.get("workers", 0))):
             yield parallel.to_global(batch["video"], mesh)
 
     return Context(name=name, mesh=mesh, seed=seed, batch_size=cfg.batch_size,
@@ -336,8 +343,9 @@ def _clean_accuracy(edge: Adaptable, split: pipeline.Split, cfg: ml_collections.
         order = streams.clip_order(len(split), cfg.batch_size, seed)  # the streams' clips
         rows = parallel.host_slice(cfg.batch_size)
         predictions, labels = [], []
-        for start in range(0, len(order), cfg.batch_size):
-            host = split.rows(order[start:start + cfg.batch_size][rows])
+        batches = [order[start:start + cfg.batch_size][rows]
+                   for start in range(0, len(order), cfg.batch_size)]
+        for host in loader.index_batches(split, batches):
             logits = source.process(parallel.to_global(host["video"], mesh)).logits
             predictions.append(logits.argmax(-1))
             labels.append(parallel.gather_host_rows(host["label"]))

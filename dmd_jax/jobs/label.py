@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from dmd_jax import files, jobs, model_store, parallel, reporting, stamps
-from dmd_jax.data import corruptions, labels, pipeline
+from dmd_jax.data import corruptions, labels, loader, pipeline
 from dmd_jax.errors import UserError, check_positive
 
 SHIFT_SEED = 0  # the corruptions' noise in shifted splits (the adapt job's first seed)
@@ -74,7 +74,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         split.name = split_name  # its folder in the label dir
         prepare = functools.partial(_on_mesh, mesh=mesh, corruption=corruption,
                                     severity=severity)
-        summary["splits"][split_name] = _label_split(step, prepare, split, cfg, mesh, workdir)
+        summary["splits"][split_name] = _label_split(step, prepare, split, cfg, mesh, workdir,
+                                                      int(config.data.get("workers", 0)))
     main = summary["splits"].get(cfg.switcher_split) or next(iter(summary["splits"].values()))
     summary.update(num_labelled=main["num_clips"], agreement_rate=main["agreement_rate"])
     files.write_json(files.path(workdir) / "summary.json", summary)
@@ -104,11 +105,18 @@ def _on_mesh(batch: dict[str, np.ndarray], mesh, corruption: str | None,
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _corrupt(video: jax.Array, ids: jax.Array, corruption: str, severity: int) -> jax.Array:
+    """Every view of a clip under the clip's own corruption noise."""
+    if video.ndim == 6:  # (B, V, T, H, W, 3): several evaluation views
+        clips, views = video.shape[:2]
+        flat = corruptions.corrupt_clips(video.reshape(clips * views, *video.shape[2:]),
+                                         jnp.repeat(ids, views), corruption, severity,
+                                         SHIFT_SEED)
+        return flat.reshape(video.shape)
     return corruptions.corrupt_clips(video, ids, corruption, severity, SHIFT_SEED)
 
 
 def _label_split(infer, prepare, split: pipeline.Split, cfg: ml_collections.ConfigDict, mesh,
-                 workdir: str) -> dict[str, Any]:
+                 workdir: str, workers: int = 0) -> dict[str, Any]:
     """Labels every chunk of `split` not yet on disk; returns the split's statistics."""
     chunks = range(0, len(split), cfg.chunk_size)
     done = np.array([labels.chunk_done(workdir, split.name, start,
@@ -124,8 +132,7 @@ def _label_split(infer, prepare, split: pipeline.Split, cfg: ml_collections.Conf
     for start in todo:
         stop = min(start + cfg.chunk_size, len(split))
         parts = []
-        for batch in pipeline.prefetch(pipeline.eval_batches(split, cfg.batch_size, rows,
-                                                             start, stop)):
+        for batch in loader.eval_batches(split, cfg.batch_size, rows, start, stop, workers):
             outputs = parallel.fetch(infer(prepare(batch)))
             host = parallel.gather_host_rows({k: batch[k] for k in ("label", "id", "mask")})
             keep = host["mask"].astype(bool)

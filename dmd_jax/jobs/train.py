@@ -33,7 +33,7 @@ import optax
 from clu import metrics
 
 from dmd_jax import checkpoint, files, jobs, model_store, models, parallel, reporting, stamps
-from dmd_jax.data import pipeline
+from dmd_jax.data import loader, pipeline, views
 from dmd_jax.errors import ConfigValueError, NonFiniteLossError, UserError, check_positive
 
 SECTIONS = ("data", "model", "train", "runtime")
@@ -163,17 +163,19 @@ def train_step(state: TrainState, batch: dict[str, jnp.ndarray], *, model, tx,
 
 def eval_logits(state: TrainState, video: jnp.ndarray, *, model,
                 stats: tuple = (pipeline.MEAN, pipeline.STD)) -> jnp.ndarray:
-    (logits, _) = model.apply({"params": state.params, "batch_stats": state.batch_stats},
-                              pipeline.normalize(video, *stats), train=False)
-    return logits
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return views.average_over_views(
+        lambda clips: model.apply(variables, pipeline.normalize(clips, *stats), train=False)[0],
+        video)
 
 
 def evaluate(eval_fn, state: TrainState, split: pipeline.Split, batch_size: int,
-             mesh) -> dict[str, np.ndarray]:
-    """Logits for every clip of `split`, in order (padding rows dropped)."""
+             mesh, workers: int = 0) -> dict[str, np.ndarray]:
+    """Logits for every clip of `split`, in order (padding rows dropped), averaged over
+    the clip's evaluation views."""
     rows = parallel.host_slice(batch_size)
     logits, labels, ids = [], [], []
-    for batch in pipeline.prefetch(pipeline.eval_batches(split, batch_size, rows)):
+    for batch in loader.eval_batches(split, batch_size, rows, workers=workers):
         # Only the clips go to the devices; labels, ids and the mask stay on the host.
         video = parallel.to_global(batch["video"], mesh)
         batch_logits = parallel.fetch(eval_fn(state, video))
@@ -244,9 +246,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
     writer = reporting.MetricWriter(workdir)
     progress = reporting.Progress(cfg.steps, start_step, cfg.batch_size)
-    batches = pipeline.prefetch(pipeline.train_batches(
-        train_split, cfg.batch_size, start_step, data_seed,
-        parallel.host_slice(cfg.batch_size)))
+    workers = int(config.data.get("workers", 0))
+    batches = loader.train_batches(train_split, cfg.batch_size, start_step, cfg.steps,
+                                   data_seed, parallel.host_slice(cfg.batch_size), workers)
     compile_seconds, window = None, None
     for step in range(start_step + 1, cfg.steps + 1):
         batch = parallel.to_global(next(batches), mesh)
@@ -266,7 +268,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
             writer.scalars(step, {f"train/{k}": v for k, v in values.items()})
             reporting.log(progress.line(step, values))
         if step % cfg.eval_every == 0 and not is_last:
-            accuracy = _accuracy(evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh))
+            accuracy = _accuracy(evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh,
+                                          workers))
             writer.scalars(step, {f"eval/{cfg.eval_split}_accuracy": accuracy})
             reporting.log(f"[eval] step {step}  {cfg.eval_split} accuracy {accuracy:.4f}")
             progress.restart_clock(step)  # throughput counts training steps only
@@ -277,7 +280,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     variables = {"params": state.params, "batch_stats": state.batch_stats}
     model_store.save(os.path.join(workdir, "model"), model_config, train_split.class_names,
                      variables, clip_shape, source=f"dmd_jax train job, step {cfg.steps}")
-    predictions = evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh)
+    predictions = evaluate(eval_fn, state, eval_split, cfg.eval_batch_size, mesh, workers)
     files.save_npz(os.path.join(workdir, "predictions.npz"), **predictions)
     summary = {
         "eval_accuracy": _accuracy(predictions),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from conftest import dataset_config, tiny_config
-from dmd_jax.data import pipeline
+from dmd_jax.data import loader, pipeline
 
 
 def test_each_epoch_is_a_permutation():
@@ -37,11 +37,10 @@ def test_hosts_split_the_global_batch_without_overlap():
 def test_resumed_stream_equals_uninterrupted(data_dir):
     config = tiny_config(data_dir).data
     split = pipeline.Split(pipeline.make_builder(config), "train", config.frames, config.size)
-    stream = pipeline.train_batches(split, 8, 0, 5, slice(None))
-    batches = [next(stream) for _ in range(12)]
-    resumed = pipeline.train_batches(split, 8, 7, 5, slice(None))
-    for expected in batches[7:]:
-        got = next(resumed)
+    batches = list(loader.train_batches(split, 8, 0, 12, 5, slice(None)))
+    resumed = list(loader.train_batches(split, 8, 7, 12, 5, slice(None)))
+    assert len(batches) == 12 and len(resumed) == 5
+    for expected, got in zip(batches[7:], resumed):
         np.testing.assert_array_equal(got["id"], expected["id"])
         np.testing.assert_array_equal(got["video"], expected["video"])
 
@@ -49,14 +48,10 @@ def test_resumed_stream_equals_uninterrupted(data_dir):
 def test_eval_batches_cover_the_split_once_with_a_padding_mask(data_dir):
     config = tiny_config(data_dir).data
     split = pipeline.Split(pipeline.make_builder(config), "test", config.frames, config.size)
-    batches = list(pipeline.eval_batches(split, 12, slice(None)))  # 32 clips: 12 + 12 + 8 real
+    batches = list(loader.eval_batches(split, 12, slice(None)))  # 32 clips: 12 + 12 + 8 real
     assert [b["mask"].sum() for b in batches] == [12, 12, 8]
     ids = np.concatenate([b["id"][b["mask"]] for b in batches])
     np.testing.assert_array_equal(ids, np.arange(32))
-
-
-def test_prefetch_preserves_order_and_ends():
-    assert list(pipeline.prefetch(iter(range(7)), depth=3)) == list(range(7))
 
 
 def test_normalize_uses_kinetics_statistics():

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import tiny_config
 from dmd_jax import checkpoint, files, models, parallel, stamps
-from dmd_jax.data import pipeline
+from dmd_jax.data import loader, pipeline
 from dmd_jax.jobs import train
 
 
@@ -58,7 +58,7 @@ def _loss_trajectory(config, mesh, steps: int) -> list[float]:
                                         label_smoothing=0.0, seed=0),
                       in_shardings=(repl, parallel.batch_sharded(mesh)),
                       out_shardings=(repl, repl))
-    batches = pipeline.train_batches(split, config.train.batch_size, 0, 0, slice(None))
+    batches = loader.train_batches(split, config.train.batch_size, 0, steps, 0, slice(None))
     losses = []
     for _ in range(steps):
         state, metrics = step_fn(state, parallel.to_global(next(batches), mesh))
