@@ -29,6 +29,19 @@ def test_export_reproduces_the_eval_logits(trained):
     assert features.ndim == 2 and features.shape[0] == 4
 
 
+def test_several_views_give_the_mean_of_each_views_outputs(trained):
+    """`apply` on `(B, V, T, H, W, 3)`: the logits and features of the V views, averaged."""
+    model = model_store.load(os.path.join(trained, "model"), role="edge")
+    split = pipeline.Split(pipeline.make_builder(_data_config(trained)), "test", 8, 32)
+    video = split.rows(np.arange(6))["video"].reshape(2, 3, 8, 32, 32, 3)  # 2 clips, 3 views
+    logits, features = jax.jit(model.apply)(model.variables, video)
+    each_logits, each_features = jax.jit(model.apply)(model.variables, video.reshape(6, 8, 32, 32, 3))
+    np.testing.assert_allclose(logits, np.asarray(each_logits).reshape(2, 3, -1).mean(1),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(features, np.asarray(each_features).reshape(2, 3, -1).mean(1),
+                               rtol=1e-5, atol=1e-6)
+
+
 def _data_config(workdir):
     return ml_collections.ConfigDict(json.load(open(os.path.join(workdir, "config.json")))).data
 

@@ -204,9 +204,11 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
                 for split in video_folder.split_names(root)}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
-        """Decodable videos only, in a stable order; decoded (proven) on several cores."""
+        """Decodable videos only, in a stable stratified order (`stratified_order`);
+        decoded (proven) on several cores."""
         c = self.builder_config
-        videos = list(video_folder.list_videos(c.root, split, video_folder.class_names(c.root)))
+        videos = stratified_order(
+            list(video_folder.list_videos(c.root, split, video_folder.class_names(c.root))))
         jobs = [(path, os.path.relpath(path, c.root), label, c.storage, c.short_side,
                  c.frames, c.size) for path, label in videos]
         workers = min(max(len(jobs) // 8, 1), os.cpu_count() or 1)
@@ -226,6 +228,22 @@ class VideoFolder(tfds.core.GeneratorBasedBuilder):
         if not hasattr(self, "_skipped"):
             self._skipped = []
         return self._skipped
+
+
+def stratified_order(videos: list[tuple[str, int]], seed: int = 0) -> list[tuple[str, int]]:
+    """`(path, label)` pairs shuffled so that every contiguous slice holds each class in
+    proportion: a folder lists its videos class by class, and a split spec such as
+    'train[:50%]' of that order would hold only half of the classes. Each class's videos
+    in a random order are spread evenly over the split (fixed seed: the same folder gives
+    the same order)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray([label for _, label in videos])
+    keys = np.empty(len(videos))
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        ranks = rng.permutation(len(members))
+        keys[members] = (ranks + rng.uniform(size=len(members))) / len(members)
+    return [videos[i] for i in np.argsort(keys, kind="stable")]
 
 
 def _store_video(job) -> dict | str:

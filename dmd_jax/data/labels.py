@@ -102,6 +102,14 @@ def stamp_digest(label_dir: str) -> str:
     return stamps.digest(files.read_json(stamp))
 
 
+def eval_views(label_dir: str) -> int:
+    """How many evaluation views each clip's labels averaged (`config.data.views`, recorded
+    in the label job's stamp): what every deployed forward pass costs, times one clip's."""
+    stamp = files.read_json(files.path(label_dir) / stamps.STAMP_FILE)
+    views = stamp["settings"]["data"].get("views") or {}
+    return int(views.get("temporal", 1)) * int(views.get("spatial", 1))
+
+
 def read_split(label_dir: str, split: str) -> dict[str, np.ndarray]:
     """All labelled clips of `split`, in id order; fails clearly if any chunk is missing
     or damaged."""

@@ -83,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         "threshold": threshold, "fusion_weight": weight,
         "gflops_per_clip": costs["edge"] + costs["router"] + realised * costs["cloud"],
         "cloud_gflops_per_clip": costs["cloud"], "edge_gflops_per_clip": costs["edge"],
-        "router_gflops_per_clip": costs["router"],
+        "router_gflops_per_clip": costs["router"], "eval_views": costs["eval_views"],
         "upload_bytes_per_clip": realised * costs["clip_bytes"],
     }
     point["compute_fraction_of_cloud"] = point["gflops_per_clip"] / costs["cloud"]
@@ -218,18 +218,20 @@ def _with_scores(built: dict[str, routers.Router],
 
 def _costs(config: ml_collections.ConfigDict, edge: model_store.LoadedModel,
            router: routers.Router, data: dict[str, np.ndarray]) -> dict[str, float]:
-    """GFLOPs per clip of each compiled model (lowered on shapes: no weights compiled in),
-    and bytes per uploaded clip."""
+    """GFLOPs per clip of each compiled model (lowered on shapes: no weights compiled in)
+    over every evaluation view the labels averaged, and bytes per uploaded clip."""
     cloud = model_store.load(config.cloud.path, "cloud", config.runtime,
                              class_names=edge.class_names)
+    views = labels.eval_views(config.hybrid.label_dir)
     clip = jax.ShapeDtypeStruct((1, *edge.input_shape), jnp.uint8)
     edge_forward = lambda variables, video: edge.apply(variables, video)[0]
     features = jax.ShapeDtypeStruct((1, data["edge_features"].shape[1]), jnp.float32)
     logits = jax.ShapeDtypeStruct((1, data["edge_logits"].shape[1]), jnp.float32)
-    return {"edge": flops.gflops(edge_forward, flops.abstract(edge.variables), clip),
-            "cloud": hybrid.cloud_gflops(cloud),
+    return {"edge": views * flops.gflops(edge_forward, flops.abstract(edge.variables), clip),
+            "cloud": views * hybrid.cloud_gflops(cloud),
+            "eval_views": views,
             "router": flops.gflops(router.score, flops.abstract(router.params), features, logits),
-            "clip_bytes": float(np.prod(cloud.input_shape))}  # uint8 pixels uploaded
+            "clip_bytes": views * float(np.prod(cloud.input_shape))}  # uint8 views uploaded
 
 
 def _answers(data: dict[str, np.ndarray], fusion_weight: float) -> dict[str, np.ndarray]:

@@ -146,7 +146,9 @@ def test_real_config_splits_a_train_test_folder_into_the_four_splits(video_root,
     stored = pipeline.Split(builder, "test", 2, 24).rows(np.arange(2))["video"]
     smaller = pipeline.Split(builder, "test", 2, 16).rows(np.arange(2))["video"]  # resized
     assert smaller.shape == (2, 2, 16, 16, 3)
-    np.testing.assert_allclose(smaller.mean((1, 2, 3, 4)), stored.mean((1, 2, 3, 4)), atol=4)
+    # Decoded anew at each size: the centre crop covers a slightly different part of the
+    # left stripe (2 of 24 columns vs 2 of 16), hence the tolerance.
+    np.testing.assert_allclose(smaller.mean((1, 2, 3, 4)), stored.mean((1, 2, 3, 4)), atol=8)
 
 
 def test_undecodable_videos_are_skipped_named_and_counted(video_root, tmp_path, caplog):
@@ -198,3 +200,16 @@ def test_a_folder_that_gained_a_class_is_another_dataset(video_root, tmp_path):
     after = pipeline.make_builder(config)
     assert after.builder_config.name != before  # prepared anew, never read as the old data
     assert list(after.info.features["label"].names) == ["bright", "dark", "grey"]
+
+
+def test_folder_videos_are_stored_so_every_slice_holds_every_class():
+    """A folder lists videos class by class; 'train[:50%]' of that order would be half
+    the classes. The stored order spreads each class evenly: any slice is proportional."""
+    videos = [(f"c{label}/v{k}.mp4", label) for label, count in enumerate((30, 10, 20))
+              for k in range(count)]
+    ordered = builders.stratified_order(videos)
+    assert sorted(ordered) == sorted(videos) and ordered == builders.stratified_order(videos)
+    labels = np.asarray([label for _, label in ordered])
+    for start, stop in ((0, 30), (30, 60), (0, 6), (45, 57)):
+        counts = np.bincount(labels[start:stop], minlength=3) / (stop - start)
+        np.testing.assert_allclose(counts, [0.5, 1 / 6, 1 / 3], atol=0.17)
