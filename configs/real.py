@@ -1,10 +1,12 @@
-"""Real experiments: UCF101 (tfds), HMDB51 / Kinetics-400 / Something-Something v2
-(folders of videos), an X3D-S edge and a VideoMAE-B or X-CLIP cloud.
+"""Real experiments: UCF101, HMDB51, Kinetics-400, Something-Something v2 or any folder of
+videos, an X3D-S edge and a VideoMAE-B or X-CLIP cloud.
 
     --config configs/real.py:DATASET,STAGE[,CLOUD][,tiny]
 
-DATASET: ucf101 | hmdb51 | kinetics400 | ssv2 (the folder datasets need
-`--config.data.root=DIR`, laid out `DIR/<split>/<class>/<video>`).
+DATASET: ucf101 | hmdb51 | kinetics400 | ssv2, read as published with their official
+split files from `--config.data.root=DIR`, the folder they unpacked to (the layouts:
+`dmd_jax/data/sources/<dataset>.py`) | folder: any `DIR/<split>/<class>/<video>` tree
+with train/ and test/ splits.
 STAGE: edge | teacher | label | switcher | hybrid | adapt | pipeline.
 CLOUD: videomae (default: VideoMAE-B from Kinetics-400, fine-tuned on DATASET by the
 `teacher` stage) | xclip (X-CLIP B/32 zero-shot over DATASET's class names: no training;
@@ -45,13 +47,14 @@ import demo  # noqa: E402  (the stage structure and the papers' settings live th
 HALVES = {"train": "train[:50%]", "unlabelled": "train[50%:90%]", "calibration": "train[90%:]"}
 DATASETS = {
     # name: (config.data overrides, split_specs, number of classes)
-    "ucf101": (dict(name="ucf101", tfds_config="ucf101_1_256"), {**HALVES, "test": "test"}, 101),
-    "hmdb51": (dict(name="video_folder"), {**HALVES, "test": "test"}, 51),
-    "kinetics400": (dict(name="video_folder"), {"train": "train[:80%]",
+    "ucf101": (dict(name="ucf101"), {**HALVES, "test": "test"}, 101),
+    "hmdb51": (dict(name="hmdb51"), {**HALVES, "test": "test"}, 51),
+    "kinetics400": (dict(name="kinetics400"), {"train": "train[:80%]",
                                                  "unlabelled": "train[80%:98%]",
                                                  "calibration": "train[98%:]",
                                                  "test": "validation"}, 400),
-    "ssv2": (dict(name="video_folder"), {"train": "train[:60%]", "unlabelled": "train[60%:95%]",
+    "folder": (dict(name="video_folder"), {**HALVES, "test": "test"}, None),
+    "ssv2": (dict(name="ssv2"), {"train": "train[:60%]", "unlabelled": "train[60%:95%]",
                                          "calibration": "train[95%:]", "test": "validation"}, 174),
 }
 CLOUDS = ("videomae", "xclip")
@@ -89,7 +92,7 @@ def parse(arg: str) -> tuple[str, str, str, bool]:
 def data_config(dataset: str, tiny: bool = False) -> ml_collections.ConfigDict:
     overrides, specs, _ = DATASETS[dataset]
     data = demo.data_config()
-    data.update({**pipeline.DATASET_DEFAULTS[overrides["name"]], **overrides})
+    data.update({**pipeline.dataset_defaults(overrides["name"]), **overrides})
     frames, size, rate = TINY_CLIP if tiny else CLOUD_CLIP
     data.update(frames=frames, size=size, prepare=True, split_specs=specs)
     data.views.update(sampling_rate=rate, train_scale=TRAIN_SCALE,

@@ -75,7 +75,7 @@ def dataset_config(data_dir: str, name: str, **overrides):
     data = tiny_config(data_dir).data
     del data.split_sizes, data.ceiling_cameras
     data.name = name
-    data.update(pipeline.DATASET_DEFAULTS.get(name, {}))
+    data.update(pipeline.dataset_defaults(name))
     data.update(overrides)
     return data
 

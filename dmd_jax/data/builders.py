@@ -1,4 +1,4 @@
-"""tensorflow-datasets builders: the embedded synthetic dataset and a folder of videos.
+"""tensorflow-datasets builders: the embedded synthetic dataset and real video datasets.
 
 Both write `array_record` files, which tfds prepares and reads (`tfds.data_source`,
 random access) without TensorFlow. Every example has `label` and `id` (its index in the
@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 import tensorflow_datasets as tfds
 
-from dmd_jax.data import synthetic, video_codec, video_folder
+from dmd_jax.data import sources, synthetic, video_codec
 from dmd_jax.errors import ConfigValueError
 
 
@@ -118,13 +118,12 @@ def _render_chunk(args) -> list[tuple[int, dict]]:
 
 def flippable_classes(builder: tfds.core.DatasetBuilder) -> np.ndarray:
     """Per class, whether a horizontally flipped clip keeps its label: not for the
-    synthetic dataset's left/right twins (`synthetic.MIRROR_INVARIANT`), nor for a folder
-    declared `flip_safe=False` (Something-Something: "left to right" is the label)."""
+    synthetic dataset's left/right twins (`synthetic.MIRROR_INVARIANT`), nor for a source
+    that is not `flip_safe` (Something-Something: "left to right" is the label)."""
     names = builder.info.features["label"].names
     if isinstance(builder, SyntheticActions):
         return np.asarray([n in synthetic.MIRROR_INVARIANT for n in names])
-    safe = getattr(builder.builder_config, "flip_safe", True)
-    return np.full(len(names), bool(safe))
+    return np.full(len(names), bool(getattr(builder, "flip_safe", True)))
 
 
 def _encoded_features(names: tuple[str, ...]) -> tfds.features.FeaturesDict:
@@ -147,14 +146,15 @@ STORAGE = ("encoded", "raw")
 
 @dataclasses.dataclass
 class VideoFolderConfig(tfds.core.BuilderConfig):
-    """A folder `root/<split>/<class>/<video>`.
+    """A video dataset read by a source (`dmd_jax.data.sources.<source>`) from `root`.
 
     `storage='encoded'` (the default) keeps every video's bytes, re-encoded once to H.264
     at `short_side` when that is set (else as published), and decodes views on the fly;
     `'raw'` stores one uniform `frames x size x size` uint8 view per video (the format
     before encoded storage: ~2.4 MB a clip at 16x224x224)."""
 
-    root: str = ""
+    source: str = "video_folder"
+    settings: dict = dataclasses.field(default_factory=dict)  # the source's fields (root, ...)
     storage: str = "encoded"
     short_side: int = 0  # encoded: re-encode videos whose short side is larger (0: never)
     frames: int = 8  # raw only
@@ -162,61 +162,69 @@ class VideoFolderConfig(tfds.core.BuilderConfig):
 
 
 class VideoFolder(tfds.core.GeneratorBasedBuilder):
-    """Real videos (HMDB51, Kinetics, ...) laid out one subfolder per class, per split.
+    """Real videos: any folder of class subfolders, or a published dataset's layout and
+    split files (UCF101, HMDB51, Kinetics-400, Something-Something v2), by its source.
 
-    Classes are the sorted subfolder names of the first split found; every split must
-    use the same class folders. Decoding uses PyAV (`dmd_jax.data.video_codec`). Videos
-    that do not decode are left out with a warning naming them (`skipped`)."""
+    Videos are stored in a stratified order (`stratified_order`) and decoded once with
+    PyAV when stored, to prove they decode; those that do not, and those the split files
+    list but the disk lacks, are left out with a warning naming them (`skipped`)."""
 
     VERSION = tfds.core.Version("2.0.0")
     RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "Videos stored as raw bytes.",
-                     "2.0.0": "Videos stored encoded (storage='encoded'), decoded on the fly."}
+                     "2.0.0": "Videos stored encoded (storage='encoded'), decoded on the fly; "
+                              "published layouts; stratified order."}
 
     @classmethod
-    def for_folder(cls, root: str, frames: int, size: int, storage: str = "encoded",
-                   short_side: int = 0, **kwargs) -> "VideoFolder":
-        """Named by the folder's path, its contents (`video_folder.listing_digest`) and
-        what is stored: a changed folder is prepared anew."""
+    def for_source(cls, source: str, settings: dict, frames: int, size: int,
+                   storage: str = "encoded", short_side: int = 0, **kwargs) -> "VideoFolder":
+        """Named by the source, its files (`VideoSource.digest`) and what is stored: a
+        changed dataset is prepared anew."""
         if storage not in STORAGE:
             raise ConfigValueError(f"config.data.storage={storage!r}: expected one of {STORAGE}")
-        root = os.path.abspath(root)
-        video_folder.check_layout(root)  # before any work: empty classes and splits are errors
-        content = video_folder.listing_digest(root)
+        settings = {**settings, "root": os.path.abspath(settings["root"])}
+        reader = sources.make(source, settings)  # before any work: layout errors
         shape = (f"f{frames}_{size}" if storage == "raw"
                  else f"enc{short_side}" if short_side else "enc")
-        digest = hashlib.sha256(f"{root}|{shape}|{content}".encode()).hexdigest()[:10]
-        name = f"{os.path.basename(root.rstrip('/')) or 'root'}_{shape}_{digest}"
-        config = VideoFolderConfig(name=name, root=root, storage=storage, short_side=short_side,
+        digest = hashlib.sha256(f"{shape}|{reader.digest()}".encode()).hexdigest()[:10]
+        base = os.path.basename(settings["root"].rstrip("/")) or "root"
+        config = VideoFolderConfig(name=f"{source}_{base}_{shape}_{digest}", source=source,
+                                   settings=settings, storage=storage, short_side=short_side,
                                    frames=frames, size=size)
         return cls(config=config, **kwargs)
 
+    @property
+    def reader(self) -> sources.VideoSource:
+        c = self.builder_config
+        return sources.source_class(c.source)(**c.settings)
+
+    @property
+    def flip_safe(self) -> bool:
+        return self.reader.flip_safe
+
     def _info(self) -> tfds.core.DatasetInfo:
         c = self.builder_config
-        names = video_folder.class_names(c.root)
+        names = self.reader.classes()
         features = (_video_features(c.frames, c.size, c.size, names) if c.storage == "raw"
                     else _encoded_features(names))
         return self.dataset_info_from_configs(features=features, disable_shuffling=True)
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        root = self.builder_config.root
-        return {split: self._generate_examples(split)
-                for split in video_folder.split_names(root)}
+        return {split: self._generate_examples(split) for split in self.reader.splits()}
 
     def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
         """Decodable videos only, in a stable stratified order (`stratified_order`);
         decoded (proven) on several cores."""
         c = self.builder_config
-        videos = stratified_order(
-            list(video_folder.list_videos(c.root, split, video_folder.class_names(c.root))))
-        jobs = [(path, os.path.relpath(path, c.root), label, c.storage, c.short_side,
-                 c.frames, c.size) for path, label in videos]
+        reader = self.reader
+        jobs = [(path, os.path.relpath(path, reader.root), label, c.storage, c.short_side,
+                 c.frames, c.size) for path, label in stratified_order(reader.videos(split))]
         workers = min(max(len(jobs) // 8, 1), os.cpu_count() or 1)
         context = multiprocessing.get_context("spawn")
         i = 0
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
             for (path, *_), result in zip(jobs, pool.map(_store_video, jobs, chunksize=4)):
-                if isinstance(result, str):  # the decoder's complaint
+                if isinstance(result, str):  # why it cannot be stored
                     logging.warning("skipping a video: %s", result)
                     self.skipped.append(path)
                     continue
@@ -249,15 +257,18 @@ def stratified_order(videos: list[tuple[str, int]], seed: int = 0) -> list[tuple
 def _store_video(job) -> dict | str:
     """One video's example (without its id), or why it cannot be stored."""
     path, relative, label, storage, short_side, frames, size = job
+    if not os.path.isfile(path):
+        return f"video {relative!r} is listed in the split files but not on disk"
     try:
-        if storage == "raw":
-            return {"video": video_folder.decode(path, frames, size), "label": label}
         with open(path, "rb") as f:
             data = f.read()
+        if storage == "raw":
+            return {"video": video_codec.uniform_view(data, frames, size, relative),
+                    "label": label}
         if short_side:
             data = video_codec.reencode(data, short_side, relative)
         info = video_codec.probe(data, relative)
-    except (video_codec.VideoDecodeError, video_folder.VideoDecodeError) as err:
+    except video_codec.VideoDecodeError as err:
         return str(err)
     return {"encoded": data, "path": relative.encode(), "num_frames": info.num_frames,
             "fps": info.fps, "height": info.height, "width": info.width, "label": label}

@@ -10,7 +10,6 @@ with no iterator state to save, and 1 host or 64 hosts see the same global batch
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import os
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from dmd_jax import config_utils, files, parallel, reporting
-from dmd_jax.data import builders, synthetic, video_codec
+from dmd_jax.data import builders, sources, synthetic, video_codec
 from dmd_jax.data import views as views_lib
 from dmd_jax.errors import ConfigValueError, UserError, check_positive
 
@@ -42,53 +41,49 @@ class DatasetCorruptError(UserError, ValueError):
     """A prepared dataset's files cannot be read."""
 
 
-class TensorFlowNeededError(UserError, ModuleNotFoundError):
-    """A tfds builder that decodes with TensorFlow, which is not installed."""
-
-
 # config.data: the keys every dataset takes, and each dataset's own.
 DATA_KEYS = ("name", "data_dir", "cache_dir", "prepare", "seed", "frames", "size", "split_specs",
              "views", "workers")
-DATASET_KEYS = {"synthetic_actions": ("split_sizes", "ceiling_cameras"),
-                "video_folder": ("root", "storage", "short_side"), "ucf101": ("tfds_config",)}
-# Defaults of the real datasets' own keys (configs start from these).
-DATASET_DEFAULTS = {
-    # storage 'encoded': the videos' bytes, decoded on the fly ('raw': one uint8 view);
-    # short_side > 0: re-encode (once, H.264) videos whose short side is larger.
-    "video_folder": dict(root="", storage="encoded", short_side=0),
-    "ucf101": dict(tfds_config="ucf101_1_256"),
-}
+SYNTHETIC = "synthetic_actions"
+SYNTHETIC_KEYS = ("split_sizes", "ceiling_cameras")
+# Every real video dataset's own keys, beside its source's fields (root, fold, ...):
+# storage 'encoded': the videos' bytes, decoded on the fly ('raw': one uint8 view);
+# short_side > 0: re-encode (once, H.264) videos whose short side is larger.
+STORAGE_DEFAULTS = dict(storage="encoded", short_side=0)
+
+
+def dataset_keys(name: str) -> tuple[str, ...]:
+    """The keys of `config.data` that dataset `name` reads, beside `DATA_KEYS`."""
+    if name == SYNTHETIC:
+        return SYNTHETIC_KEYS
+    return (*sources.keys(name), *STORAGE_DEFAULTS)
+
+
+def dataset_defaults(name: str) -> dict[str, Any]:
+    """A real video dataset's own keys with their defaults (configs start from these)."""
+    return {**sources.defaults(name), **STORAGE_DEFAULTS}
 
 
 def make_builder(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     """The tfds builder that `config.data` names (array_record files, no TensorFlow),
     on local disk: a bucket's data_dir is mirrored locally (`local_data_dir`)."""
-    if data.name in DATASET_KEYS:
-        config_utils.check_keys(data, DATA_KEYS + DATASET_KEYS[data.name], "config.data",
-                                f"dataset {data.name!r}")
+    config_utils.check_keys(data, DATA_KEYS + dataset_keys(data.name), "config.data",
+                            f"dataset {data.name!r}")
     check_positive(data, ("frames", "size"), "config.data")
     common = dict(data_dir=local_data_dir(data), file_format="array_record")
-    if data.name == "synthetic_actions":
+    if data.name == SYNTHETIC:
         render = synthetic.RenderConfig(frames=data.frames, height=data.size, width=data.size)
         sizes = {split: int(n) for split, n in data.split_sizes.items()}
         ceiling = dict(data.get("ceiling_cameras") or {})
         config = builders.SyntheticActionsConfig.create(render, sizes, data.seed, ceiling)
         return builders.SyntheticActions(config=config, **common)
-    if data.name == "video_folder":
-        if not data.root:
-            raise UserError("config.data.name='video_folder' needs the folder of videos: "
-                            "--config.data.root=DIR (laid out DIR/<split>/<class>/<video>)")
-        return builders.VideoFolder.for_folder(data.root, data.frames, data.size,
-                                               data.storage, int(data.short_side), **common)
-    if data.name == "ucf101":
-        if importlib.util.find_spec("tensorflow") is None:
-            raise TensorFlowNeededError(
-                "tfds's ucf101 builder decodes its videos with TensorFlow, which is not "
-                "installed: `pip install tensorflow`, or lay UCF101 out as a folder of videos "
-                "and use configs/video_folder.py")
-        return tfds.builder(f"ucf101/{data.tfds_config}", **common)
-    raise ConfigValueError(f"unknown config.data.name {data.name!r}; expected one of "
-                     "'synthetic_actions', 'video_folder', 'ucf101'")
+    if not data.root:
+        raise UserError(f"config.data.name={data.name!r} needs the dataset's folder: "
+                        "--config.data.root=DIR (the layout it reads: "
+                        f"{sources.source_class(data.name).__module__}'s docstring)")
+    settings = {k: data[k] for k in sources.keys(data.name)}
+    return builders.VideoFolder.for_source(data.name, settings, data.frames, data.size,
+                                           data.storage, int(data.short_side), **common)
 
 
 def local_data_dir(data: ml_collections.ConfigDict) -> str | None:
@@ -143,6 +138,7 @@ def prepare(data: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
             print(f"Skipped {len(skipped)} undecodable video(s); listed in "
                   f"{files.path(builder.data_path) / SKIPPED_FILE}", flush=True)
         files.write_json(files.path(builder.data_path) / SKIPPED_FILE, {"skipped": skipped})
+        _log_storage(storage_report(builder, data))
         if remote is not None:
             _upload(builder, remote)
     parallel.barrier("dataset prepared")
@@ -200,11 +196,19 @@ def storage_report(builder: tfds.core.DatasetBuilder,
         stored = sum(p.stat().length for p in folder.glob(f"*-{name}.array_record*"))
         clips = int(info.num_examples)
         splits[name] = {"clips": clips, "bytes": int(stored),
-                        "encoded_bytes_per_clip": stored / clips if clips else None}
+                        "bytes_per_clip": stored / clips if clips else None}
     return {"dataset": f"{builder.name}/{builder.builder_config.name}",
             "storage": "encoded" if "encoded" in builder.info.features else "raw",
             "raw_bytes_per_clip": int(data.frames) * int(data.size) ** 2 * 3,
             "splits": splits}
+
+
+def _log_storage(report: dict[str, Any]) -> None:
+    for name, split in report["splits"].items():
+        if split["clips"]:
+            print(f"  {name}: {split['clips']} clips, {split['bytes_per_clip'] / 1e3:.1f} kB per "
+                  f"clip stored {report['storage']} (one raw uint8 view at this clip shape: "
+                  f"{report['raw_bytes_per_clip'] / 1e3:.1f} kB)", flush=True)
 
 
 def dataset_identity(builder: tfds.core.DatasetBuilder,

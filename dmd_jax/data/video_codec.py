@@ -84,6 +84,16 @@ def decode(data: bytes, indices: Sequence[int], short_side: int, name: str) -> n
     return np.stack([frames[int(i)] for i in nearest])
 
 
+def uniform_view(data: bytes, frames: int, size: int, name: str) -> np.ndarray:
+    """`(frames, size, size, 3)`: frames spread uniformly over the video, short side
+    `size`, centre crop (what `storage='raw'` datasets store)."""
+    info = probe(data, name)
+    clip = decode(data, np.linspace(0, info.num_frames - 1, frames).round().astype(int),
+                  size, name)
+    top, left = (clip.shape[1] - size) // 2, (clip.shape[2] - size) // 2
+    return clip[:, top:top + size, left:left + size]
+
+
 def _rgb(frame: av.VideoFrame, short_side: int) -> np.ndarray:
     scale = short_side / min(frame.width, frame.height)
     width = max(short_side, round(frame.width * scale))

@@ -2,12 +2,12 @@
 
 import os
 
-import av
 import numpy as np
 import pytest
 
 from conftest import dataset_config, tiny_config
-from dmd_jax.data import builders, pipeline, synthetic
+from dmd_jax.data import builders, pipeline, sources, synthetic, video_codec
+from video_files import write_video
 
 
 def test_synthetic_dataset_is_array_record_with_all_splits(data_dir):
@@ -59,18 +59,6 @@ def test_config_changes_give_separate_datasets(data_dir):
     assert not b.is_prepared()
 
 
-def _write_video(path: str, frames: np.ndarray, fps: int = 10) -> None:
-    with av.open(path, "w") as out:
-        stream = out.add_stream("mpeg4", rate=fps)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-
-
 @pytest.fixture(scope="module")
 def video_root(tmp_path_factory):
     """root/<split>/<class>/*.mp4: bright vs dark videos of 20 frames, 48x64 pixels."""
@@ -81,7 +69,7 @@ def video_root(tmp_path_factory):
             for k in range(2):
                 frames = np.full((20, 48, 64, 3), value, np.uint8)
                 frames[:, :, : 8 + 4 * k] = 128  # a stripe, so videos differ
-                _write_video(str(root / split / name / f"v{k}.mp4"), frames)
+                write_video(str(root / split / name / f"v{k}.mp4"), frames)
     (root / "train" / "bright" / "notes.txt").write_text("not a video")
     return str(root)
 
@@ -100,11 +88,27 @@ def test_video_folder_builder_decodes_resizes_and_labels(video_root, tmp_path):
         assert (centre > 180) if label == 0 else (centre < 70)
 
 
+def test_raw_storage_keeps_the_view_that_encoded_storage_decodes(video_root, tmp_path):
+    """storage='raw' (one stored uint8 view, the format before encoded storage) gives
+    the clips the encoded dataset decodes on the fly; its report counts the stored bytes."""
+    encoded = dataset_config(str(tmp_path), "video_folder", root=video_root, frames=4, size=24)
+    raw = dataset_config(str(tmp_path), "video_folder", root=video_root, frames=4, size=24,
+                         storage="raw")
+    builders_ = {name: pipeline.prepare(c) for name, c in (("encoded", encoded), ("raw", raw))}
+    assert "video" in builders_["raw"].info.features
+    clips = {name: pipeline.Split(b, "train", 4, 24).rows(np.arange(4))["video"]
+             for name, b in builders_.items()}
+    np.testing.assert_array_equal(clips["raw"], clips["encoded"])
+    report = pipeline.storage_report(builders_["raw"], raw)
+    assert report["storage"] == "raw" and report["raw_bytes_per_clip"] == 4 * 24 * 24 * 3
+    assert report["splits"]["train"]["bytes"] >= 4 * report["raw_bytes_per_clip"]
+
+
 def test_video_decode_samples_frames_uniformly(tmp_path):
     frames = np.stack([np.full((32, 32, 3), 10 * i, np.uint8) for i in range(20)])
     path = str(tmp_path / "ramp.mp4")
-    _write_video(path, frames)
-    clip = builders.video_folder.decode(path, 5, 16)
+    write_video(path, frames)
+    clip = video_codec.uniform_view(open(path, "rb").read(), 5, 16, "ramp.mp4")
     means = clip.reshape(5, -1).mean(1)
     np.testing.assert_allclose(means, [0, 50, 100, 140, 190], atol=8)  # frames 0,5,10,14,19
 
@@ -113,7 +117,7 @@ def test_broken_video_is_named_in_the_error(tmp_path):
     path = tmp_path / "broken.mp4"
     path.write_bytes(b"not really a video")
     with pytest.raises(ValueError, match="broken.mp4"):
-        builders.video_folder.decode(str(path), 4, 16)
+        video_codec.uniform_view(path.read_bytes(), 4, 16, "broken.mp4")
 
 
 def test_missing_video_folder_is_named(tmp_path):
@@ -123,12 +127,12 @@ def test_missing_video_folder_is_named(tmp_path):
 
 
 def test_real_config_splits_a_train_test_folder_into_the_four_splits(video_root, tmp_path):
-    """configs/real.py's HMDB51 layout (train/ and test/ only) on videos this test wrote: the
+    """configs/real.py's folder layout (train/ and test/ only) on videos this test wrote: the
     jobs' four splits, each clip of train in exactly one of train/unlabelled/calibration."""
     from conftest import REPO
     from dmd_jax.config_utils import load_config
 
-    config = load_config(f"{REPO}/configs/real.py:hmdb51,label").data
+    config = load_config(f"{REPO}/configs/real.py:folder,label").data
     config.update(root=video_root, data_dir=str(tmp_path), frames=4, size=24)
     builder = pipeline.prepare(config)
     from dmd_jax.errors import UserError
@@ -182,7 +186,7 @@ def test_an_empty_class_folder_or_split_is_refused_before_any_work(video_root, t
         for f in folder.iterdir():
             f.unlink()
     config = dataset_config(str(tmp_path / "tfds"), "video_folder", root=str(root))
-    with pytest.raises(builders.video_folder.VideoFolderError, match="test/(bright|dark).*no video"):
+    with pytest.raises(sources.VideoSourceError, match="test/(bright|dark).*no video"):
         pipeline.prepare(config)
     assert not (tmp_path / "tfds").exists()  # nothing prepared or written
 

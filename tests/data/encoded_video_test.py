@@ -77,9 +77,9 @@ def test_storage_report_compares_encoded_with_raw_bytes(prepared):
     builder, data = prepared
     report = pipeline.storage_report(builder, data)
     train = report["splits"]["train"]
-    assert train["clips"] == 9 and train["encoded_bytes_per_clip"] > 0
+    assert train["clips"] == 9 and train["bytes_per_clip"] > 0
     assert report["raw_bytes_per_clip"] == 4 * 24 * 24 * 3  # one stored uint8 view
-    assert train["encoded_bytes_per_clip"] == pytest.approx(
+    assert train["bytes_per_clip"] == pytest.approx(
         train["bytes"] / train["clips"])
 
 

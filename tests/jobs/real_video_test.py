@@ -40,7 +40,7 @@ def _folder(root):
 def test_real_config_runs_every_stage_on_a_folder_of_videos(tmp_path):
     root = tmp_path / "videos"
     _folder(root)
-    config = load_config(f"{REPO}/configs/real.py:hmdb51,pipeline,tiny")
+    config = load_config(f"{REPO}/configs/real.py:folder,pipeline,tiny")
     config.data.update(root=str(root), data_dir=str(tmp_path / "tfds"))
     config.data.split_specs.update(train="train[:50%]", unlabelled="train[50%:75%]",
                                    calibration="train[75%:]")
