@@ -159,7 +159,7 @@ def adapt_config() -> ml_collections.ConfigDict:
     """Online adaptation under corruptions (METHODS.md §2-4): the edge adapts, the teacher
     is CEMA's cloud foundation model. The defaults are the papers'; one section per method
     (`dmd_jax.tta`), variants as overrides of a method's section."""
-    from dmd_jax.data.corruptions import CORRUPTIONS
+    from dmd_jax.data.corruptions import METHODS_CORRUPTIONS
 
     gradient = dict(learning_rate=2.5e-4, momentum=0.9)  # Tent's, shared by EATA and SAR
     # EATA's redundancy margin, 0.05 for ImageNet's 1000 classes, is scaled to the dataset's
@@ -172,7 +172,7 @@ def adapt_config() -> ml_collections.ConfigDict:
         # 'reset' (per corruption x severity), 'continual', 'gradual' (severities up and
         # down per corruption), 'mixed' or 'correlated[:delta]' (class-ordered, Dirichlet)
         protocol="reset",
-        corruptions=tuple(CORRUPTIONS),
+        corruptions=METHODS_CORRUPTIONS,
         severities=(5,),
         methods=("source", "norm", "tent", "eata", "sar", "lame", "vitta", "cema",
                  "cema_static_emax", "cloud_all"),  # any method or variant below

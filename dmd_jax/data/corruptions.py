@@ -2,7 +2,8 @@
 
 Every corruption maps a clip `(T, H, W, 3)` (uint8 or float in [0, 255]) and a severity
 1-5 to a clip of the same shape and dtype, deterministically for a PRNG key, in pure
-`jax.numpy` so it runs inside `jit` and `vmap` on the device. Severity parameters follow
+`jax.numpy` so it runs inside `jit` and `vmap` on the device; the codec corruptions and
+rain need FFmpeg or drawing and run on the host (`host_corruptions`, `on_host`). Severity parameters follow
 ImageNet-C / the video-robustness benchmarks in spirit, scaled to small clips; `jpeg`
 is approximated on the device by quantising 8x8 block DCT coefficients (the transform
 JPEG uses), so it needs no host round trip either.
@@ -18,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dmd_jax.data import host_corruptions
 from dmd_jax.errors import ConfigValueError
 
 Corruption = Callable[[jnp.ndarray, int, jax.Array], jnp.ndarray]
@@ -158,12 +160,55 @@ def jumble(x, severity, key):
     return x[jnp.concatenate(pieces)]
 
 
+def salt(x, severity, key):
+    """White pixels (ViTTA's UCF101-C `salt`; ImageNet-C's impulse amounts)."""
+    hit = jax.random.uniform(key, x.shape[:-1] + (1,)) < _s(IMPULSE_AMOUNTS, severity)
+    return jnp.where(hit, 1.0, x)
+
+
+def pepper(x, severity, key):
+    """Black pixels (ViTTA's UCF101-C `pepper`)."""
+    hit = jax.random.uniform(key, x.shape[:-1] + (1,)) < _s(IMPULSE_AMOUNTS, severity)
+    return jnp.where(hit, 0.0, x)
+
+
+def zoom_blur(x, severity, key):
+    """The mean of the frame zoomed about its centre by each factor (ImageNet-C's)."""
+    del key
+    top = _s((1.11, 1.16, 1.21, 1.26, 1.31), severity)
+    step = _s((0.01, 0.01, 0.02, 0.02, 0.03), severity)
+    t, h, w, c = x.shape
+    out = x
+    factors = np.arange(1.0 + step, top, step)
+    for factor in factors:
+        zh, zw = int(np.ceil(h * factor)), int(np.ceil(w * factor))
+        big = jax.image.resize(x, (t, zh, zw, c), "linear")
+        oy, ox = (zh - h) // 2, (zw - w) // 2
+        out = out + big[:, oy:oy + h, ox:ox + w]
+    return out / (len(factors) + 1)
+
+
+IMPULSE_AMOUNTS = (0.03, 0.06, 0.09, 0.17, 0.27)
 CORRUPTIONS: dict[str, Corruption] = {
     f.__name__: f for f in (
         gaussian_noise, shot_noise, impulse_noise, defocus_blur, contrast, brightness,
-        saturate, pixelate, jpeg, motion_blur, fog, frame_rate, freeze, reverse, jumble)
+        saturate, pixelate, jpeg, motion_blur, fog, frame_rate, freeze, reverse, jumble,
+        salt, pepper, zoom_blur)
 }
+# The 15 of METHODS.md §4 (the demo's streams). Their order fixes each corruption's noise
+# code (`_name_code`): corruptions added later get the codes after them, so adding one
+# never changes the noise, nor the results, of another.
+METHODS_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur",
+                       "contrast", "brightness", "saturate", "pixelate", "jpeg", "motion_blur",
+                       "fog", "frame_rate", "freeze", "reverse", "jumble")
 TEMPORAL = ("frame_rate", "freeze", "reverse", "jumble")
+# With the codec ones and rain, applied on the host (`host_corruptions`): every name a
+# stream or a shifted split may use.
+ALL_CORRUPTIONS = (*CORRUPTIONS, *host_corruptions.HOST_CORRUPTIONS)
+
+
+def on_host(name: str) -> bool:
+    return name in host_corruptions.HOST_CORRUPTIONS
 
 
 def parse_shifted(split: str) -> tuple[str, str | None, int | None]:
@@ -173,10 +218,10 @@ def parse_shifted(split: str) -> tuple[str, str | None, int | None]:
         return split, None, None
     base, _, rest = split.partition("@")
     name, _, severity = rest.partition("@")
-    if name not in CORRUPTIONS or severity not in ("1", "2", "3", "4", "5"):
+    if name not in ALL_CORRUPTIONS or severity not in ("1", "2", "3", "4", "5"):
         raise ConfigValueError(
             f"split {split!r}: a shifted split is SPLIT@CORRUPTION@SEVERITY with a corruption "
-            f"of {sorted(CORRUPTIONS)} and a severity 1-5, e.g. 'test@fog@3'")
+            f"of {sorted(ALL_CORRUPTIONS)} and a severity 1-5, e.g. 'test@fog@3'")
     return base, name, int(severity)
 
 
@@ -212,7 +257,10 @@ def corrupt_clips(clips: jnp.ndarray, ids: jnp.ndarray, name: str, severity: int
 
 
 def _name_code(name: str) -> int:
-    return sorted(CORRUPTIONS).index(name)
+    first = sorted(METHODS_CORRUPTIONS)
+    if name in first:
+        return first.index(name)
+    return len(first) + [n for n in CORRUPTIONS if n not in first].index(name)
 
 
 # --- helpers --------------------------------------------------------------------------------

@@ -95,7 +95,10 @@ def _iterate(batches: grain.MapDataset, workers: int) -> Iterator[dict[str, np.n
     else:
         if not flags.FLAGS.is_parsed():  # grain reads its absl flags; a script may not parse them
             flags.FLAGS.mark_as_parsed()
-        iterator = iter(batches.to_iter_dataset().mp_prefetch(
+        # One decoding thread per worker process (grain's default is 16 threads reading
+        # 500 elements ahead in each): `workers` is the number of cores the loader takes.
+        per_worker = grain.ReadOptions(num_threads=1, prefetch_buffer_size=WORKER_BUFFER)
+        iterator = iter(batches.to_iter_dataset(per_worker).mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=WORKER_BUFFER)))
     try:
         yield from iterator

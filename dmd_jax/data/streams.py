@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dmd_jax import parallel
-from dmd_jax.data import corruptions, loader, pipeline
+from dmd_jax.data import corruptions, host_corruptions, loader, pipeline
 from dmd_jax.errors import ConfigValueError
 
 PROTOCOLS = ("reset", "continual", "gradual", "mixed", "correlated")
@@ -111,9 +111,9 @@ def make_streams(protocol: Protocol, labels: np.ndarray, corruption_names: tuple
     """The streams of `protocol` over a split whose clips have these `labels` (only
     `correlated` looks at them), shuffled once with `seed`."""
     for name in corruption_names:
-        if name not in corruptions.CORRUPTIONS:
+        if name not in corruptions.ALL_CORRUPTIONS:
             raise ConfigValueError(f"unknown corruption {name!r}; available: "
-                             f"{sorted(corruptions.CORRUPTIONS)}")
+                             f"{sorted(corruptions.ALL_CORRUPTIONS)}")
     order = clip_order(len(labels), batch_size, seed)
     if protocol.name == "correlated":
         order = correlated_order(order, labels[order], protocol.dirichlet, seed)
@@ -175,7 +175,8 @@ def correlated_order(clips: np.ndarray, labels: np.ndarray, delta: float, seed: 
 
 
 class StreamReader:
-    """Global batches of a stream: uint8 clips corrupted on the device, and their rows."""
+    """Global batches of a stream: uint8 clips corrupted (on the device, or on the host
+    for the codec corruptions and rain), and their rows."""
 
     def __init__(self, split: pipeline.Split, batch_size: int, mesh, seed: int,
                  workers: int = 0):
@@ -195,7 +196,11 @@ class StreamReader:
             rows = slice(start, start + self.batch_size)
             info = parallel.gather_host_rows({k: host[k] for k in ("label", "id")})
             info.update(corruption=stream.corruption[rows], severity=stream.severity[rows])
-            clips = parallel.to_global(host["video"], self._mesh)
+            names = [stream.corruption_names[c] for c in info["corruption"][self._rows]]
+            video = host_corruptions.corrupt_rows(host["video"], host["id"], names,
+                                                  info["severity"][self._rows].tolist(),
+                                                  self._seed)
+            clips = parallel.to_global(video, self._mesh)
             yield self._corrupt(clips, info, stream.corruption_names), info
 
     def _corrupt(self, clips: jax.Array, info: dict[str, np.ndarray],
@@ -206,6 +211,8 @@ class StreamReader:
         ids = parallel.to_global(info["id"][self._rows], self._mesh)
         for c, severity in sorted(set(zip(info["corruption"].tolist(),
                                           info["severity"].tolist()))):
+            if corruptions.on_host(names[c]):
+                continue  # done by `batches` before the clips went to the devices
             rows = (info["corruption"] == c) & (info["severity"] == severity)
             mask = parallel.to_global(rows[self._rows], self._mesh)
             out = _apply(out, clips, ids, mask, names[c], severity, self._seed)

@@ -102,22 +102,41 @@ def _rgb(frame: av.VideoFrame, short_side: int) -> np.ndarray:
 
 
 def encode(frames: np.ndarray, fps: float = 30.0, codec: str = "libx264", crf: int | None = 23,
-           bitrate: int | None = None, pixel_format: str = "yuv420p") -> bytes:
-    """uint8 `(T, H, W, 3)` frames as an mp4 (H.264 by default) in memory: constant quality
-    (`crf`) or, with `bitrate` (bits/s), average bitrate. Odd sizes are padded to even
-    (yuv420p needs it) by repeating the last row/column."""
-    frames = _even(np.asarray(frames, np.uint8))
+           bitrate: int | None = None, pixel_format: str = "yuv420p",
+           container_format: str = "mp4") -> bytes:
+    """uint8 `(T, H, W, 3)` frames as a video file in memory (H.264 in mp4 by default):
+    constant quality (`crf`, x264/x265 only) or, with `bitrate` (bits/s), average bitrate.
+    Frames are padded at the bottom and right by repeating the last row and column to an
+    even size (x265: of at least `X265_MIN_SIDE`); decoders return the padded frames.
+
+    Encoding is deterministic: one thread (rate control fed back across frame threads
+    depends on their timing) and, for x264, no macroblock-tree rate control (its SIMD
+    lookahead gave other bytes for the same frames from one call to the next: 16 of 64
+    encodes of 32x32 clips, none with `mbtree=0` or `asm=0`; PyAV 18.1.0, measured), so a
+    corruption or an upload's size is a function of the clip alone."""
+    frames = _pad(np.asarray(frames, np.uint8), X265_MIN_SIDE if codec == "libx265" else 2)
     out = io.BytesIO()
-    with av.open(out, mode="w", format="mp4") as container:
+    with av.open(out, mode="w", format=container_format) as container:
         stream = container.add_stream(codec, rate=_rate(fps))
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = pixel_format
-        if bitrate is not None:
+        options = {"threads": "1"}  # the loader's parallelism is across clips, not within one
+        if codec == "libx264":
+            options["x264-params"] = "mbtree=0"
+        if codec == "libx265":
+            options["x265-params"] = "log-level=none:frame-threads=1:cutree=0"
+        if bitrate is not None:  # average bitrate, capped as the benchmarks' -maxrate/-bufsize
             stream.bit_rate = int(bitrate)
-        elif crf is not None:
-            stream.options = {"crf": str(crf)}
-        for image in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
+            options.update(maxrate=str(int(bitrate)), bufsize=str(int(bitrate)))
+        elif crf is not None and codec in ("libx264", "libx265"):
+            options["crf"] = str(crf)
+        stream.options = options
+        for i, image in enumerate(frames):
+            # Explicit timestamps: without them x264's rate control read undefined ones and
+            # the same frames gave other bytes from one call to the next (measured).
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i, 1 / stream.average_rate
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -146,8 +165,16 @@ def reencode(data: bytes, short_side: int, name: str, crf: int = 23) -> bytes:
     return encode(frames, info.fps, crf=crf)
 
 
-def _even(frames: np.ndarray) -> np.ndarray:
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+# x265 corrupted the heap (the process aborted) on 48x48 frames, smaller than its 64-pixel
+# coding tree unit; never at 64 (PyAV 18.1.0, measured): smaller frames are padded.
+X265_MIN_SIDE = 64
+
+
+def _pad(frames: np.ndarray, minimum: int) -> np.ndarray:
+    """Even sizes (yuv420p), at least `minimum`, by repeating the last row and column."""
+    height, width = frames.shape[1:3]
+    pad_h = max(minimum, height + height % 2) - height
+    pad_w = max(minimum, width + width % 2) - width
     if pad_h or pad_w:
         frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
     return frames

@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from dmd_jax import files, jobs, model_store, parallel, reporting, stamps
-from dmd_jax.data import corruptions, labels, loader, pipeline
+from dmd_jax.data import corruptions, host_corruptions, labels, loader, pipeline
 from dmd_jax.errors import UserError, check_positive
 
 SHIFT_SEED = 0  # the corruptions' noise in shifted splits (the adapt job's first seed)
@@ -95,7 +95,16 @@ def edge_and_cloud(edge: model_store.LoadedModel, cloud: model_store.LoadedModel
 
 def _on_mesh(batch: dict[str, np.ndarray], mesh, corruption: str | None,
              severity: int | None) -> jax.Array:
-    """A host batch's clips on the mesh, corrupted for a shifted split."""
+    """A host batch's clips on the mesh, corrupted for a shifted split (a codec
+    corruption or rain on the host, every other on the device)."""
+    if corruption is not None and corruptions.on_host(corruption):
+        video = batch["video"]
+        views = video.shape[1] if video.ndim == 6 else 1
+        flat = video.reshape(-1, *video.shape[-4:])
+        flat = host_corruptions.corrupt_rows(flat, np.repeat(batch["id"], views),
+                                             [corruption] * len(flat), [severity] * len(flat),
+                                             SHIFT_SEED)
+        return parallel.to_global(flat.reshape(video.shape), mesh)
     video = parallel.to_global(batch["video"], mesh)
     if corruption is None:
         return video

@@ -78,3 +78,61 @@ def test_contact_sheet_has_a_row_per_corruption_and_a_column_per_severity():
     sheet = corruptions.contact_sheet(CLIP, KEY, frames=(0, 4), gap=2)
     assert sheet.dtype == np.uint8
     assert sheet.shape == (len(NAMES) * (32 + 2), 6 * (2 * 32 + 2), 3)
+
+
+def test_adding_corruptions_keeps_the_noise_of_the_methods_fifteen():
+    """Each corruption's noise is keyed by a code; the 15 of METHODS.md keep the codes
+    they had before salt, pepper and zoom_blur joined (their results stay comparable)."""
+    old = sorted(corruptions.METHODS_CORRUPTIONS)
+    assert [corruptions._name_code(n) for n in old] == list(range(15))
+    new = [corruptions._name_code(n) for n in ("salt", "pepper", "zoom_blur")]
+    assert sorted(new) == [15, 16, 17]
+
+
+def test_salt_and_pepper_whiten_and_blacken_pixels():
+    salty = np.asarray(corruptions.corrupt(CLIP, "salt", 3, KEY))
+    peppered = np.asarray(corruptions.corrupt(CLIP, "pepper", 3, KEY))
+    assert (salty == 255).all(-1).mean() > (CLIP == 255).all(-1).mean() + 0.05
+    assert (peppered == 0).all(-1).mean() > (CLIP == 0).all(-1).mean() + 0.05
+
+
+HOST = sorted(corruptions.host_corruptions.HOST_CORRUPTIONS)
+# A textured clip big enough for codecs to have something to lose (64x64, 12 frames).
+TEXTURED = np.clip(np.kron(np.random.default_rng(1).integers(0, 255, (12, 16, 16, 3)),
+                           np.ones((1, 4, 4, 1))), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", HOST)
+def test_host_corruptions_keep_shape_are_keyed_by_clip_and_change_it(name):
+    host = corruptions.host_corruptions
+    out = host.corrupt(TEXTURED, name, 5, seed=0, clip_id=4)
+    assert out.shape == TEXTURED.shape and out.dtype == np.uint8
+    again = host.corrupt(TEXTURED, name, 5, seed=0, clip_id=4)
+    if name in host.NOT_BIT_EXACT:  # x265 is not bit-exact (module docstring)
+        assert _distance(out, again) < 0.5 * _distance(out, TEXTURED)
+    else:
+        np.testing.assert_array_equal(out, again)
+    assert _distance(out, TEXTURED) > 1.0, name
+    assert corruptions.on_host(name) and name in corruptions.ALL_CORRUPTIONS
+
+
+@pytest.mark.parametrize("name", ["h264_crf", "h265_crf", "h264_abr", "rain"])
+def test_host_corruptions_grow_with_severity(name):
+    host = corruptions.host_corruptions
+    low, high = (_distance(host.corrupt(TEXTURED, name, s, 0, 0), TEXTURED) for s in (1, 5))
+    assert low < high, (name, low, high)
+
+
+def test_bit_errors_damage_frames_but_every_frame_is_answered():
+    host = corruptions.host_corruptions
+    big = np.repeat(np.repeat(TEXTURED, 4, axis=1), 4, axis=2)  # 256x256: enough bytes to hit
+    out = host.bit_error(big, 5, np.random.default_rng(0))
+    assert out.shape == big.shape
+    clean = host._reencode(big, "libx264", crf=host.SOURCE_CRF)
+    assert not np.array_equal(out, clean)  # some byte of the stream was hit
+
+
+def test_shifted_splits_accept_host_corruptions():
+    assert corruptions.parse_shifted("test@h265_abr@3") == ("test", "h265_abr", 3)
+    with pytest.raises(ValueError, match="h265_abr"):
+        corruptions.parse_shifted("test@h266@3")

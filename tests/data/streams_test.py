@@ -86,3 +86,32 @@ def test_a_clip_is_corrupted_the_same_way_in_any_batch():
     np.testing.assert_array_equal(together[2], alone[0])
     other_id = corruptions.corrupt_clips(clips[2:3], ids[:1], "gaussian_noise", 5, seed=0)
     assert not np.array_equal(other_id[0], alone[0])
+
+
+def test_a_mixed_stream_corrupts_each_row_on_the_host_or_the_device(data_dir):
+    """`mixed` rows under a codec corruption (host) and fog (device): each clip equals its
+    own corruption of the clean clip, keyed by the stream's seed and the clip's id."""
+    from conftest import tiny_config
+    from dmd_jax import parallel
+    from dmd_jax.data import host_corruptions, pipeline
+
+    config = tiny_config(data_dir).data
+    split = pipeline.Split(pipeline.make_builder(config), "test", config.frames, config.size)
+    (stream,) = streams.make_streams(P("mixed"), unlabelled(len(split)), ("fog", "h264_crf"),
+                                     (4,), batch_size=8, seed=3)
+    mesh = parallel.make_mesh()
+    reader = streams.StreamReader(split, 8, mesh, seed=3)
+    clips, info = next(reader.batches(stream))
+    clean = split.rows(info["id"])["video"]
+    clips = np.asarray(clips)
+    names = [stream.corruption_names[c] for c in info["corruption"]]
+    assert set(names) == {"fog", "h264_crf"}
+    for row, name in enumerate(names):
+        if name == "h264_crf":
+            expected = host_corruptions.corrupt(clean[row], name, 4, 3, info["id"][row])
+        else:
+            expected = corruptions.corrupt_clips(jnp.asarray(clean[row:row + 1]),
+                                                 jnp.asarray(info["id"][row:row + 1]), name, 4,
+                                                 3)[0]
+        np.testing.assert_allclose(np.asarray(clips[row], np.int32),
+                                   np.asarray(expected, np.int32), atol=1)
