@@ -10,7 +10,7 @@ from dmd_jax.jobs import pipeline as pipeline_job
 
 REAL = f"{REPO}/configs/real.py"
 DEMO = f"{REPO}/configs/demo.py"
-DATASETS = ("ucf101", "hmdb51", "kinetics400", "ssv2")
+DATASETS = ("ucf101", "hmdb51", "kinetics400", "ssv2", "folder")
 STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
 
 
@@ -42,6 +42,10 @@ def test_every_stage_has_every_key_its_job_reads(dataset, stage):
         assert (real.data.frames, real.data.size) == ((13, 160) if stage == "edge" else (16, 224))
     if "train" in real:
         assert real.train.init_from and not real.model  # architecture from the checkpoint
+        assert real.data.views.temporal * real.data.views.spatial == 15  # 5 windows x 3 crops
+        assert real.data.views.sampling_rate == (6 if stage == "edge" else 4)
+    if "data" in real:
+        assert real.data.views.flip == (dataset != "ssv2")  # SSv2's labels say left or right
 
 
 def test_pipeline_stages_get_their_clip_shape_and_models(tmp_path):
@@ -103,3 +107,16 @@ def test_the_embedded_dataset_refuses_a_split_it_cannot_render():
 
     with pytest.raises(ValueError, match=r"renders the splits .* not \['holdout'\]"):
         builders.SyntheticActionsConfig.create(synthetic.RenderConfig(), {"holdout": 8}, 0)
+
+
+@pytest.mark.parametrize("benchmark", ["mini_kinetics_c", "mini_ssv2_c", "ucf101_c"])
+def test_robustness_presets_run_the_benchmarks_lists(benchmark):
+    from dmd_jax.data import corruptions
+
+    config = load_config(f"{REPO}/configs/robustness.py:{benchmark}")
+    job = jobs.module(config.job)
+    config_utils.check_sections(config, config.job, job.SECTIONS, keys=job.KEYS)
+    assert set(config.adapt.corruptions) <= set(corruptions.ALL_CORRUPTIONS)
+    assert len(config.adapt.corruptions) == (12 if benchmark == "ucf101_c" else 13)
+    assert tuple(config.adapt.severities) == ((5,) if benchmark == "ucf101_c" else (1, 2, 3, 4, 5))
+    assert (config.data.views.temporal, config.data.views.spatial) == (1, 1)  # adapt: one view
