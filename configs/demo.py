@@ -105,6 +105,9 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
             switcher_split="unlabelled",  # whose agreement rate summary.json reports
             batch_size=128,
             chunk_size=512,  # clips per file: the unit of resumption
+            # The cloud also classifies each clip as decoded from H.264 at each of these CRFs
+            # (what a deployed edge uploads); the hybrid job reports accuracy vs bytes.
+            upload_crfs=(),
         ),
         switcher=dict(
             label_dir=f"{runs}/label",
@@ -222,6 +225,9 @@ def adapt_config() -> ml_collections.ConfigDict:
             # BatchNorm with running statistics shared by cloud and edge (test-time batch
             # renormalisation, as the official code) instead of each batch's own:
             batch_renorm=False,
+            # 0: clips go up as raw uint8; a CRF: as H.264 at that quality, and the cloud
+            # learns from the decoded clips (what a deployed edge sends; bytes counted encoded)
+            upload_crf=0,
             buffer_size=10000,
             new_per_step=32,
             replay_per_step=96,
@@ -237,6 +243,7 @@ def adapt_config() -> ml_collections.ConfigDict:
         # Named variants: a method's section with some settings changed.
         variants=dict(
             cema_static_emax=dict(method="cema", dynamic_emax=False),  # the official code's
+            cema_h264=dict(method="cema", upload_crf=28),  # uploads encoded
             cema_no_emin=dict(method="cema", low_info_filter=False),
             cema_no_redundancy=dict(method="cema", redundancy_filter=False),
             cloud_all=dict(method="cema", upload_all=True),  # the 100%-upload bound
@@ -392,7 +399,7 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
         config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
                             batch_size=8, eval_batch_size=16, warmup_steps=1)
     if "label" in config:
-        config.label.update(batch_size=8, chunk_size=16)
+        config.label.update(batch_size=8, chunk_size=16, upload_crfs=(30,))
     if "hybrid" in config:
         # Tiny models cost about the same (the edge alone is over half the cloud): a fixed
         # offload rate instead of a compute budget.

@@ -109,6 +109,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                 -test[name], -test["max_prob"], answers["edge_correct"],
                 answers["cloud_side_correct"], cfg.bootstrap_resamples, config.seed)
     summary = {
+        "uploads": encoded_uploads(test, offloaded, weight, point, costs),
         "shift": {name: under_shift(cfg, built, name, threshold, rate, weight, config.seed)
                   for name in cfg.shift_splits},
         "guarantees": guarantees(cfg, calibration, test),
@@ -130,6 +131,28 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     files.write_text(os.path.join(workdir, "report.md"), markdown(summary))
     reporting.log(markdown(summary))
     return summary
+
+
+def encoded_uploads(test: dict[str, np.ndarray], offloaded: np.ndarray, weight: float,
+                    point: dict[str, Any], costs: dict[str, float]) -> list[dict[str, Any]]:
+    """The deployed operating point with the offloads sent raw and as H.264 at each CRF
+    the label job encoded them at (`label.upload_crfs`): bytes per uploaded clip and per
+    clip, and the accuracy when the cloud answers the decoded upload."""
+    rows = [{"crf": None, "codec": "raw uint8", "bytes_per_uploaded_clip": costs["clip_bytes"],
+             "bytes_per_clip": point["upload_bytes_per_clip"], "accuracy": point["accuracy"]}]
+    crfs = sorted(int(k[len("cloud_logits_crf"):]) for k in test if k.startswith("cloud_logits_crf"))
+    edge_correct = test["edge_logits"].argmax(-1) == test["label"]
+    for crf in crfs:
+        answer = hybrid.fuse(test["edge_logits"], test[f"cloud_logits_crf{crf}"], weight)
+        correct = np.where(offloaded, answer == test["label"], edge_correct)
+        sizes = test[f"upload_bytes_crf{crf}"].astype(np.float64)
+        per_uploaded = float(sizes[offloaded].mean()) if offloaded.any() else float(sizes.mean())
+        rows.append({"crf": crf, "codec": "H.264", "bytes_per_uploaded_clip": per_uploaded,
+                     "bytes_per_clip": float(sizes[offloaded].sum() / len(sizes)),
+                     "accuracy": float(correct.mean()),
+                     "cloud_accuracy": float(np.mean(
+                         test[f"cloud_logits_crf{crf}"].argmax(-1) == test["label"]))})
+    return rows
 
 
 def under_shift(cfg: ml_collections.ConfigDict, built: dict[str, routers.Router], split: str,
@@ -331,6 +354,15 @@ def markdown(summary: dict[str, Any]) -> str:
         f"({point['cloud_gflops_per_clip']:.4f}); fusion weight {point['fusion_weight']:.2f}; "
         f"upload {point['upload_bytes_per_clip']:.0f} bytes per clip.",
     ]
+    if len(summary.get("uploads", [])) > 1:
+        lines += ["", "Offloads sent raw or encoded (H.264 at a CRF; the cloud answers the "
+                  "decoded clip), at the operating point:", "",
+                  "| upload | bytes per uploaded clip | bytes per clip | accuracy |",
+                  "|---|---|---|---|"]
+        for row in summary["uploads"]:
+            name = row["codec"] if row["crf"] is None else f"{row['codec']} CRF {row['crf']}"
+            lines.append(f"| {name} | {row['bytes_per_uploaded_clip']:,.0f} | "
+                         f"{row['bytes_per_clip']:,.0f} | {row['accuracy']:.4f} |")
     if summary.get("guarantees", {}).get("rows"):
         g = summary["guarantees"]
         lines += ["", f"Thresholds of {g['router']} bounding its disagreement with the cloud among "

@@ -28,13 +28,13 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from dmd_jax import files, jobs, model_store, parallel, reporting, stamps
+from dmd_jax import files, jobs, model_store, parallel, reporting, stamps, uploads
 from dmd_jax.data import corruptions, host_corruptions, labels, loader, pipeline
 from dmd_jax.errors import UserError, check_positive
 
 SHIFT_SEED = 0  # the corruptions' noise in shifted splits (the adapt job's first seed)
 SECTIONS = ("data", "edge", "cloud", "label", "runtime")
-KEYS = {"label": ("splits", "switcher_split", "batch_size", "chunk_size"),
+KEYS = {"label": ("splits", "switcher_split", "batch_size", "chunk_size", "upload_crfs"),
         "edge": ("path",), "cloud": ("path",)}
 
 
@@ -48,13 +48,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         raise UserError(f"config.label.chunk_size={cfg.chunk_size} must be a multiple of "
                         f"config.label.batch_size={cfg.batch_size}")
 
+    crfs = tuple(int(c) for c in cfg.upload_crfs)
+    for crf in crfs:
+        uploads.check_crf(crf, "config.label.upload_crfs")
     builder = pipeline.prepare(config.data)
     names = tuple(builder.info.features["label"].names)
     edge = model_store.load(config.edge.path, "edge", config.runtime, class_names=names)
     cloud = model_store.load(config.cloud.path, "cloud", config.runtime, class_names=names)
     stamp = stamps.make(
         {"data": pipeline.dataset_identity(builder, config.data),
-         "chunk_size": cfg.chunk_size, "runtime": config.runtime},
+         "chunk_size": cfg.chunk_size, "runtime": config.runtime,
+         **({"upload_crfs": list(crfs)} if crfs else {})},
         {"edge": edge.fingerprint, "cloud": cloud.fingerprint})
     stamps.claim(workdir, stamp, "labels", config.get("overwrite", False),
                  has_results=any(labels.chunk_paths(workdir, s) for s in cfg.splits),
@@ -66,6 +70,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                     in_shardings=(replicated, replicated, batch), out_shardings=batch)
     weights = parallel.put_replicated((edge.variables, cloud.variables), mesh)
     step = lambda video: infer(*weights, video)
+    cloud_only = jax.jit(lambda cv, video: cloud.apply(cv, video)[0].astype(jnp.float32),
+                         in_shardings=(replicated, batch), out_shardings=batch)
+    uploaded = functools.partial(_cloud_on_uploads, lambda video: cloud_only(weights[1], video),
+                                 crfs=crfs, mesh=mesh, batch_size=cfg.batch_size)
 
     summary: dict[str, Any] = {"splits": {}, "devices": parallel.describe()}
     shifted = {name: corruptions.parse_shifted(name) for name in cfg.splits}  # checked first
@@ -75,7 +83,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         prepare = functools.partial(_on_mesh, mesh=mesh, corruption=corruption,
                                     severity=severity)
         summary["splits"][split_name] = _label_split(step, prepare, split, cfg, mesh, workdir,
-                                                      int(config.data.get("workers", 0)))
+                                                      int(config.data.get("workers", 0)),
+                                                      uploaded)
     main = summary["splits"].get(cfg.switcher_split) or next(iter(summary["splits"].values()))
     summary.update(num_labelled=main["num_clips"], agreement_rate=main["agreement_rate"])
     files.write_json(files.path(workdir) / "summary.json", summary)
@@ -124,8 +133,26 @@ def _corrupt(video: jax.Array, ids: jax.Array, corruption: str, severity: int) -
     return corruptions.corrupt_clips(video, ids, corruption, severity, SHIFT_SEED)
 
 
+def _cloud_on_uploads(cloud_fn, video: jax.Array, crfs: tuple[int, ...], mesh,
+                      batch_size: int) -> dict[str, np.ndarray]:
+    """Per CRF, the cloud's logits on the clips as decoded from H.264 at that CRF and the
+    encoded bytes per clip (`cloud_logits_crf<c>`, `upload_bytes_crf<c>`): what a
+    deployed edge's offloads cost and what the cloud makes of them."""
+    if not crfs:
+        return {}
+    clips = parallel.fetch(video)  # every row, on every host (each encodes all: the same)
+    rows = parallel.host_slice(batch_size)
+    out = {}
+    for crf in crfs:
+        decoded, sizes = uploads.encode_decode(clips, crf)
+        out[f"cloud_logits_crf{crf}"] = parallel.fetch(
+            cloud_fn(parallel.to_global(decoded[rows], mesh)))
+        out[f"upload_bytes_crf{crf}"] = sizes
+    return out
+
+
 def _label_split(infer, prepare, split: pipeline.Split, cfg: ml_collections.ConfigDict, mesh,
-                 workdir: str, workers: int = 0) -> dict[str, Any]:
+                 workdir: str, workers: int = 0, uploaded=None) -> dict[str, Any]:
     """Labels every chunk of `split` not yet on disk; returns the split's statistics."""
     chunks = range(0, len(split), cfg.chunk_size)
     done = np.array([labels.chunk_done(workdir, split.name, start,
@@ -142,7 +169,10 @@ def _label_split(infer, prepare, split: pipeline.Split, cfg: ml_collections.Conf
         stop = min(start + cfg.chunk_size, len(split))
         parts = []
         for batch in loader.eval_batches(split, cfg.batch_size, rows, start, stop, workers):
-            outputs = parallel.fetch(infer(prepare(batch)))
+            video = prepare(batch)
+            outputs = parallel.fetch(infer(video))
+            if uploaded is not None:
+                outputs.update(uploaded(video))
             host = parallel.gather_host_rows({k: batch[k] for k in ("label", "id", "mask")})
             keep = host["mask"].astype(bool)
             parts.append({**{k: v[keep] for k, v in outputs.items()},

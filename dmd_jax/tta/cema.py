@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from dmd_jax import parallel
+from dmd_jax import parallel, uploads
 from dmd_jax.errors import UserError
 
 
@@ -48,12 +48,14 @@ class Upload:
     """Edge -> cloud: the selected clips, uint8 as stored; with batch renormalisation, once,
     the running statistics the edge started from (its first stream batch's)."""
 
-    clips: np.ndarray  # (n, T, H, W, 3) uint8
+    clips: np.ndarray  # (n, T, H, W, 3) uint8: what the cloud receives (decoded, if encoded)
     stats: Any = None
+    encoded_bytes: int | None = None  # the clips' size on the link when sent encoded
 
     @property
     def nbytes(self) -> int:
-        return int(self.clips.nbytes) + (num_bytes(self.stats) if self.stats is not None else 0)
+        clips = self.clips.nbytes if self.encoded_bytes is None else self.encoded_bytes
+        return int(clips) + (num_bytes(self.stats) if self.stats is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,9 @@ class Edge:
         self.model, self._mesh, self.renorm = model, mesh, cfg.batch_renorm
         self.filter = UploadFilter(model.num_classes, cfg)
         self.upload_all = cfg.upload_all
+        self.upload_crf = int(cfg.upload_crf)
+        if self.upload_crf:
+            uploads.check_crf(self.upload_crf, "config.adapt.cema.upload_crf")
         self._constants = parallel.put_replicated(model.constants(), mesh)
         replicated, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
         self._forward = {
@@ -215,8 +220,12 @@ class Edge:
             keep, failed = self.filter.select(probs, ent)
         if not keep.any():  # most batches: nothing leaves, so nothing is copied to the host
             return Upload(np.zeros((0, *clips.shape[1:]), clips.dtype)), keep, failed
-        stored = parallel.fetch(clips)  # the clips as the edge stores them
-        upload = Upload(np.asarray(stored)[keep], self._stats_to_send)
+        stored = np.asarray(parallel.fetch(clips))[keep]  # the clips as the edge stores them
+        if self.upload_crf:
+            decoded, sizes = uploads.encode_decode(stored, self.upload_crf)
+            upload = Upload(decoded, self._stats_to_send, int(sizes.sum()))
+        else:
+            upload = Upload(stored, self._stats_to_send)
         self._stats_to_send = None
         return upload, keep, failed
 
@@ -415,7 +424,8 @@ class Cloud:
 SETTINGS = (  # config.adapt.cema
     "margin_factor", "unreliable_filter", "dynamic_emax", "warmup_clips", "lam",
     "low_info_filter", "e_min", "redundancy_filter", "redundancy_margin",
-    "margin_reference_classes", "ema_decay", "upload_all", "batch_renorm", "buffer_size",
+    "margin_reference_classes", "ema_decay", "upload_all", "upload_crf", "batch_renorm",
+    "buffer_size",
     "new_per_step", "replay_per_step", "replay_from", "foundation_learning_rate",
     "edge_learning_rate", "momentum", "alpha", "beta", "gamma", "temperature")
 

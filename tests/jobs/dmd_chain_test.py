@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_config
-from dmd_jax import hybrid
+from dmd_jax import hybrid, model_store, uploads
 from dmd_jax.data import labels, pipeline
 from dmd_jax.jobs import label
 from dmd_jax.routers import switcher
@@ -67,7 +67,6 @@ def test_label_outputs(runs):
     # The stored logits are the exported edge's logits on these clips.
     clips = pipeline.Split(pipeline.make_builder(runs[2]("label").data), "unlabelled", 8,
                            32).rows(np.arange(4))["video"]
-    from dmd_jax import model_store
     edge = model_store.load(f"{root}/edge/model")
     logits, _ = jax.jit(edge.logits_and_features)(edge.variables, pipeline.normalize(clips))
     np.testing.assert_allclose(logits, unlabelled["edge_logits"][:4], rtol=1e-4, atol=1e-4)
@@ -122,6 +121,11 @@ def test_hybrid_summary_contract(runs):
     predictions = np.load(f"{root}/hybrid/predictions.npz")
     assert np.mean(predictions["prediction"] == predictions["label"]) == pytest.approx(
         point["accuracy"])
+    raw, h264 = s["uploads"]  # raw uint8, then H.264 at the label job's CRF 30
+    assert raw["accuracy"] == point["accuracy"] and raw["bytes_per_uploaded_clip"] == 8 * 32 * 32 * 3
+    assert h264["crf"] == 30 and 0 < h264["bytes_per_uploaded_clip"] < raw["bytes_per_uploaded_clip"]
+    assert h264["bytes_per_clip"] == pytest.approx(
+        h264["bytes_per_uploaded_clip"] * point["offload_rate"], rel=1e-6) or point["offload_rate"] == 0
 
 
 def test_api_reproduces_the_evaluation(runs):

@@ -404,3 +404,22 @@ def test_lame_on_a_batch_of_one_clip_keeps_its_prediction():
         kernel = lame.affinity(features, kind, 5)
         y = lame.laplacian_assignment(log_probs, kernel, 1.0, 100)
         assert np.all(np.isfinite(y)) and int(y.argmax()) == 1, kind
+
+
+def test_cema_uploads_encoded_clips_and_counts_their_bytes(edge, mesh):
+    """upload_crf: the clips go up as H.264, counted at their encoded size, and the cloud
+    receives them decoded (close to, not equal to, what the edge holds)."""
+    cfg = cloud_all_settings()
+    cfg.update(upload_all=True, upload_crf=28)
+    sender = cema.Edge(edge, mesh, cfg)
+    batch = np.repeat(np.repeat(clips(70), 4, axis=2), 4, axis=3)  # 64x64: something to code
+    batch = (batch // 32 * 32).astype(np.uint8)  # blocky, so it compresses
+    upload, keep, _ = sender.select(on_mesh(batch, mesh), np.zeros((8, NUM_CLASSES), np.float32))
+    assert keep.all() and upload.clips.shape == batch.shape
+    assert 0 < upload.nbytes < batch.nbytes / 4
+    assert not np.array_equal(upload.clips, batch)
+    assert np.abs(upload.clips.astype(int) - batch).mean() < 20
+    cfg.upload_crf = 0
+    raw, _, _ = cema.Edge(edge, mesh, cfg).select(on_mesh(batch, mesh),
+                                                np.zeros((8, NUM_CLASSES), np.float32))
+    assert raw.nbytes == batch.nbytes and np.array_equal(raw.clips, batch)
