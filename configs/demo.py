@@ -83,7 +83,7 @@ def runtime_config() -> ml_collections.ConfigDict:
 
 STAGE_JOBS = {"edge": "train", "teacher": "train", "label": "label",
               "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "adapt": "adapt",
-              "adapt_long": "adapt", "pipeline": "pipeline"}
+              "adapt_long": "adapt", "serve": "serve", "pipeline": "pipeline"}
 PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
 # The pipeline's adapt stage is a short look (~1 min on 2 CPU cores, one corruption); the
 # full comparison (every method, all 15 corruptions) is `configs/demo.py:adapt`.
@@ -253,6 +253,14 @@ def adapt_config() -> ml_collections.ConfigDict:
     ))
 
 
+def serve_config() -> ml_collections.ConfigDict:
+    """The cloud server (`dmd_jax.serve.server.Settings`): where it listens, how it
+    batches, when it refuses. `edge.path` '' serves classification only."""
+    return ml_collections.ConfigDict(dict(
+        host="127.0.0.1", port=50051, max_batch=32, max_wait_ms=5.0, queue_capacity=64,
+        max_message_mb=64, workers=16, delay_ms=0.0))
+
+
 def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
     stage, tiny = parse(arg)
     if stage == "pipeline":
@@ -318,7 +326,7 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
         config.data = data_config("tiny" if tiny else "demo")
     if job in ("label", "evaluate_hybrid", "adapt"):
         config.update(models_config(runs))
-    if job in ("train", "label", "evaluate_hybrid", "adapt"):
+    if job in ("train", "label", "evaluate_hybrid", "adapt", "serve"):
         config.runtime = runtime_config()
     dmd = dmd_config(runs)
     section = {"label": "label", "train_switcher": "switcher", "evaluate_hybrid": "hybrid"}
@@ -326,6 +334,10 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
         config[section[job]] = dmd[section[job]]
     if job == "adapt":
         config.adapt = adapt_config()
+    if job == "serve":
+        config.update(models_config(runs))
+        config.serve = serve_config()
+        config.cema = adapt_config().cema
     if stage == "adapt_long":
         long_streams(config)
     if job == "train":
@@ -406,6 +418,11 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
         config.hybrid.compute_budget = 0.0
     if "switcher" in config:
         config.switcher.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
+    if "cema" in config:  # the serve job's CEMA cloud
+        config.cema.update(warmup_clips=8, new_per_step=8, replay_per_step=8, replay_from=16,
+                           buffer_size=64)
+    if "serve" in config:
+        config.serve.max_batch = 8
     if "adapt" in config:
         config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"), seeds=(0,),
                             bootstrap_resamples=100)

@@ -25,7 +25,11 @@ import numpy as np
 from dmd_jax import files, flops, model_store, routers
 from dmd_jax.errors import UserError
 
-CloudFn = Callable[[np.ndarray], np.ndarray]
+CloudFn = Callable[[np.ndarray], np.ndarray]  # may raise CloudUnavailable
+
+
+class CloudUnavailable(Exception):
+    """A cloud that gave no answer; the hybrid answers those clips at the edge."""
 
 
 class OperatingPointMismatchError(UserError, ValueError):
@@ -39,6 +43,7 @@ class HybridResult:
     router_scores: np.ndarray  # (N,) the router's score (e.g. P(aligned)); low: offloaded
     gflops: float  # spent on this batch: every clip's edge + router, the offloaded clips' cloud
     upload_bytes: int  # the offloaded clips, as uint8
+    fallback: np.ndarray | None = None  # (N,) bool: routed to the cloud, answered by the edge
 
 
 def fuse(edge_logits: np.ndarray, cloud_logits: np.ndarray, weight: float) -> np.ndarray:
@@ -120,13 +125,18 @@ class HybridClassifier:
         edge_logits, scores = (np.asarray(x) for x in self.edge_and_router(clips))
         offloaded = scores < self.threshold
         predictions = edge_logits.argmax(-1)
+        fallback = np.zeros(len(clips), bool)
         if offloaded.any():
-            cloud_logits = self.cloud(clips[offloaded])
-            predictions[offloaded] = fuse(edge_logits[offloaded], cloud_logits,
-                                          self.fusion_weight)
+            try:
+                cloud_logits = self.cloud(clips[offloaded])
+            except CloudUnavailable:  # the edge's own answer; the clip counts as not offloaded
+                fallback, offloaded = offloaded, np.zeros(len(clips), bool)
+            else:
+                predictions[offloaded] = fuse(edge_logits[offloaded], cloud_logits,
+                                              self.fusion_weight)
         spent = len(clips) * self.edge_gflops_per_clip + offloaded.sum() * self.cloud_gflops_per_clip
         return HybridResult(predictions, offloaded, scores, float(spent),
-                            int(clips[offloaded].nbytes))
+                            int(clips[offloaded].nbytes), fallback)
 
 
 def _threshold(point: dict) -> float:

@@ -44,7 +44,8 @@ SLOW_FIRST = (  # by measured time per file (2-core CPU, 2026-12-01), longest fi
     "tests/convert/x3d_vs_reference_test.py", "tests/gcs_test.py", "tests/jobs/adapt_test.py",
     "tests/faults_test.py", "tests/tta/tta_methods_test.py",
     "tests/models/mixed_precision_test.py", "tests/notebook_test.py",
-    "tests/benchmarks_test.py", "tests/jobs/dmd_chain_test.py", "tests/extension_test.py")
+    "tests/benchmarks_test.py", "tests/jobs/dmd_chain_test.py", "tests/extension_test.py",
+    "tests/serve/serve_test.py", "tests/jobs/real_video_test.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 # config.job -> the module implementing it.
 JOBS = {"train": "train", "label": "label", "train_switcher": "switcher",
-        "evaluate_hybrid": "hybrid", "adapt": "adapt", "pipeline": "pipeline"}
+        "evaluate_hybrid": "hybrid", "adapt": "adapt", "pipeline": "pipeline", "serve": "serve"}
 
 
 def module(job: str) -> types.ModuleType:

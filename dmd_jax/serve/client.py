@@ -1,0 +1,123 @@
+"""The edge's side of the link: the cloud behind a gRPC channel, never waited on for long.
+
+`RemoteCloud` is a `hybrid.CloudFn`: offloaded clips in, logits out, or
+`CloudUnavailable` when the cloud is down, slow past the deadline, refusing (queue full,
+bad request) or in back-off after such a failure. `hybrid.HybridClassifier` then answers
+those clips with the edge's own prediction, so no clip is ever left without an answer.
+After a failure the client waits `backoff` (doubling up to its maximum) before trying
+again, so a dead cloud costs the edge no deadline per batch; gRPC reconnects by itself.
+CEMA uploads that cannot be sent wait in a bounded local queue (oldest dropped, counted)
+and go up with the next upload that gets through.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any
+
+import flax.serialization
+import grpc
+import numpy as np
+
+from dmd_jax import hybrid
+from dmd_jax.serve import cloud_pb2, cloud_pb2_grpc, messages
+
+
+class CloudUnavailable(hybrid.CloudUnavailable):
+    """The cloud did not answer (down, late, refusing, or the client is backing off)."""
+
+
+@dataclasses.dataclass
+class LinkStats:
+    calls: int = 0
+    answered: int = 0
+    failed: dict[str, int] = dataclasses.field(default_factory=dict)  # by gRPC status
+    skipped: int = 0  # calls not made: backing off
+    bytes_up: int = 0
+    uploads_dropped: int = 0  # CEMA clips dropped from the full local queue
+
+
+class RemoteCloud:
+    """The cloud at `address` ('127.0.0.1:50051'), with a per-call deadline."""
+
+    def __init__(self, address: str, deadline_s: float = 1.0, crf: int = 0, edge: str = "edge",
+                 backoff_s: tuple[float, float] = (0.05, 2.0), upload_queue_clips: int = 256,
+                 max_message_mb: int = 64):
+        limit = max_message_mb * 2 ** 20
+        self._channel = grpc.insecure_channel(address, options=[
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+        self._stub = cloud_pb2_grpc.CloudStub(self._channel)
+        self.address, self.deadline_s, self.crf, self.edge = address, deadline_s, crf, edge
+        self._backoff_min, self._backoff_max = backoff_s
+        self._backoff, self._retry_at = backoff_s[0], 0.0
+        self._waiting: collections.deque[np.ndarray] = collections.deque(maxlen=upload_queue_clips)
+        self.stats = LinkStats()
+        self.last_timing: dict[str, float] = {}
+        self.last_parameters: tuple[int, Any] | None = None  # (version, norm_affine bytes)
+
+    def __call__(self, clips: np.ndarray) -> np.ndarray:
+        """Logits `(n, C)` for `clips`, or `CloudUnavailable`."""
+        message, size = messages.encode_clips(clips, self.crf)
+        reply = self._call(self._stub.Classify, cloud_pb2.ClassifyRequest(edge=self.edge,
+                                                                          clips=message), size)
+        self.last_timing = {"queue_ms": reply.timing.queue_ms, "decode_ms": reply.timing.decode_ms,
+                            "forward_ms": reply.timing.forward_ms,
+                            "batch_clips": reply.timing.batch_clips}
+        return np.asarray(reply.logits, np.float32).reshape(len(clips), reply.num_classes)
+
+    def adapt(self, clips: np.ndarray) -> bytes | None:
+        """Sends CEMA's uploads (with those waiting from earlier failures); the new
+        normalisation parameters (flax msgpack bytes) when the cloud ran a step. Clips
+        that cannot go up now wait in the local queue."""
+        self.stats.uploads_dropped += max(len(self._waiting) + len(clips) - self._waiting.maxlen, 0)
+        self._waiting.extend(clips)
+        if not self._waiting:
+            return None
+        batch = np.stack(self._waiting)
+        message, size = messages.encode_clips(batch, self.crf)
+        try:
+            reply = self._call(self._stub.Adapt, cloud_pb2.AdaptRequest(edge=self.edge,
+                                                                      clips=message), size)
+        except CloudUnavailable:
+            return None
+        self._waiting.clear()
+        if not reply.HasField("parameters"):
+            return None
+        self.last_parameters = (reply.parameters.version, reply.parameters.norm_affine)
+        return reply.parameters.norm_affine
+
+    @property
+    def waiting_uploads(self) -> int:
+        return len(self._waiting)
+
+    def health(self, timeout_s: float = 1.0) -> cloud_pb2.HealthReply:
+        return self._stub.Health(cloud_pb2.HealthRequest(), timeout=timeout_s)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method, request, size: int):
+        now = time.monotonic()
+        if now < self._retry_at:
+            self.stats.skipped += 1
+            raise CloudUnavailable(f"backing off until the cloud at {self.address} is tried again")
+        self.stats.calls += 1
+        try:
+            reply = method(request, timeout=self.deadline_s)
+        except grpc.RpcError as err:
+            code = err.code().name if err.code() else "UNKNOWN"
+            self.stats.failed[code] = self.stats.failed.get(code, 0) + 1
+            self._retry_at = time.monotonic() + self._backoff
+            self._backoff = min(self._backoff * 2, self._backoff_max)
+            raise CloudUnavailable(f"{code}: {err.details()}") from err
+        self._backoff, self._retry_at = self._backoff_min, 0.0
+        self.stats.answered += 1
+        self.stats.bytes_up += size
+        return reply
+
+
+def norm_affine_from(data: bytes, template: Any) -> Any:
+    """Downloaded parameters as the edge's normalisation tree (`template`'s structure)."""
+    return flax.serialization.from_bytes(template, data)

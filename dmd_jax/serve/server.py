@@ -1,0 +1,225 @@
+"""The cloud as its own process: a gRPC server for offloading (DMD) and adaptation (CEMA).
+
+`Classify` answers offloaded clips with the cloud model's logits. Requests from every
+edge wait in one bounded queue; a batching thread takes what is there, up to
+`max_batch` clips or `max_wait_ms` after the first, and runs one forward (padded to a
+power-of-two bucket, so a handful of shapes is ever compiled). A full queue refuses with
+RESOURCE_EXHAUSTED at once rather than letting latency grow without bound; a request
+whose deadline passes while it waits gets DEADLINE_EXCEEDED; a malformed one gets
+INVALID_ARGUMENT. None of these stops the server.
+
+`Adapt` runs CEMA's cloud (`dmd_jax.tta.cema.Cloud`, one per edge name): the uploads join
+that edge's replay buffer and, when a step runs, the reply carries the edge's new
+normalisation parameters. With `also_adapt`, `Classify`'s clips serve both (one upload,
+two uses). `Health` reports the model and the queue. The message schema is `cloud.proto`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import flax.serialization
+import grpc
+import jax
+import numpy as np
+
+from dmd_jax.serve import cloud_pb2, cloud_pb2_grpc, messages
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """`config.serve`: where it listens and how it batches."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0: any free port (written to WORKDIR/port)
+    max_batch: int = 32  # clips per forward
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    queue_capacity: int = 64  # requests waiting before new ones are refused
+    max_message_mb: int = 64  # larger requests are refused by gRPC
+    workers: int = 16  # gRPC handler threads
+    delay_ms: float = 0.0  # added to every forward: a slow cloud, for fault and latency studies
+
+
+@dataclasses.dataclass
+class _Pending:
+    clips: np.ndarray
+    future: concurrent.futures.Future
+    enqueued: float
+
+
+class Batcher:
+    """Clips from many requests through one forward; results back to each request."""
+
+    def __init__(self, forward: Callable[[np.ndarray], np.ndarray], settings: Settings):
+        self._forward, self._settings = forward, settings
+        self._queue: queue.Queue[_Pending] = queue.Queue(settings.queue_capacity)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="batcher", daemon=True)
+        self._thread.start()
+
+    def submit(self, clips: np.ndarray) -> concurrent.futures.Future:
+        """Queues the clips; raises `queue.Full` when the queue is at capacity."""
+        pending = _Pending(clips, concurrent.futures.Future(), time.perf_counter())
+        self._queue.put_nowait(pending)
+        return pending.future
+
+    def queued(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                first = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            batch, clips = [first], len(first.clips)
+            until = time.perf_counter() + self._settings.max_wait_ms / 1e3
+            while clips < self._settings.max_batch:
+                try:
+                    item = self._queue.get(timeout=max(until - time.perf_counter(), 0))
+                except queue.Empty:
+                    break
+                batch.append(item)
+                clips += len(item.clips)
+            self._run(batch)
+
+    def _run(self, batch: list[_Pending]) -> None:
+        # Requests whose caller gave up (deadline passed) are dropped, not computed.
+        batch = [p for p in batch if p.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        started = time.perf_counter()
+        try:
+            logits = self._forward(np.concatenate([p.clips for p in batch]))
+            if self._settings.delay_ms:
+                time.sleep(self._settings.delay_ms / 1e3)
+        except Exception as err:  # noqa: BLE001 - every waiting request learns of it
+            for pending in batch:
+                pending.future.set_exception(err)
+            return
+        forward_ms = (time.perf_counter() - started) * 1e3
+        total = sum(len(p.clips) for p in batch)
+        start = 0
+        for pending in batch:
+            stop = start + len(pending.clips)
+            timing = {"queue_ms": (started - pending.enqueued) * 1e3, "forward_ms": forward_ms,
+                      "batch_clips": total}
+            pending.future.set_result((logits[start:stop], timing))
+            start = stop
+
+
+def bucketed(forward: Callable[[np.ndarray], np.ndarray], max_batch: int):
+    """`forward` on any number of clips, run in chunks padded to a power of two <=
+    `max_batch`: the compiled shapes are bounded whatever the traffic."""
+    def run(clips: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(clips), max_batch):
+            chunk = clips[start:start + max_batch]
+            size = min(1 << (len(chunk) - 1).bit_length(), max_batch)
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
+            out.append(np.asarray(forward(padded))[:len(chunk)])
+        return np.concatenate(out)
+    return run
+
+
+class Servicer(cloud_pb2_grpc.CloudServicer):
+    """The three calls; `adapters(edge_name)` gives that edge's CEMA cloud (or None when
+    the server was started without an edge model)."""
+
+    def __init__(self, batcher: Batcher, num_classes: int, fingerprint: str,
+                 adapters: Callable[[str], Any] | None, settings: Settings):
+        self._batcher, self._num_classes = batcher, num_classes
+        self._fingerprint, self._adapters, self._settings = fingerprint, adapters, settings
+        self._lock = threading.Lock()  # one CEMA step at a time (they share the devices)
+        self._versions: dict[str, int] = {}  # per edge: parameters sent so far
+
+    def Classify(self, request, context):
+        started = time.perf_counter()
+        clips = self._clips(request.clips, context)
+        decode_ms = (time.perf_counter() - started) * 1e3
+        try:
+            future = self._batcher.submit(clips)
+        except queue.Full:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"the cloud's queue is full ({self._settings.queue_capacity} "
+                          "requests waiting): answer at the edge and retry later")
+        remaining = context.time_remaining()
+        try:
+            logits, timing = future.result(timeout=remaining)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                          "the deadline passed while the clips waited for the cloud")
+        reply = cloud_pb2.ClassifyReply(
+            num_classes=self._num_classes, logits=np.asarray(logits, np.float32).ravel(),
+            timing=cloud_pb2.Timing(decode_ms=decode_ms, **timing))
+        if request.also_adapt:
+            parameters, _ = self._adapt(request.edge, clips, context)
+            if parameters is not None:
+                reply.parameters.CopyFrom(parameters)
+        return reply
+
+    def Adapt(self, request, context):
+        clips = self._clips(request.clips, context)
+        parameters, buffer = self._adapt(request.edge, clips, context)
+        reply = cloud_pb2.AdaptReply(buffer=buffer)
+        if parameters is not None:
+            reply.parameters.CopyFrom(parameters)
+        return reply
+
+    def Health(self, request, context):
+        return cloud_pb2.HealthReply(model=self._fingerprint, queued=self._batcher.queued(),
+                                     capacity=self._settings.queue_capacity,
+                                     num_classes=self._num_classes)
+
+    def _clips(self, message, context) -> np.ndarray:
+        try:
+            return messages.decode_clips(message)
+        except messages.MalformedMessage as err:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+
+    def _adapt(self, edge: str, clips: np.ndarray, context):
+        if self._adapters is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "this cloud was started without an edge model (config.edge.path): "
+                          "it classifies but cannot adapt")
+        edge = edge or "edge"
+        with self._lock:
+            cloud = self._adapters(edge)
+            download, _ = cloud.receive(messages.upload(clips))
+            if download is not None:
+                self._versions[edge] = self._versions.get(edge, 0) + 1
+            version = self._versions.get(edge, 0)
+        if download is None:
+            return None, len(cloud.buffer)
+        parameters = cloud_pb2.Parameters(
+            norm_affine=flax.serialization.msgpack_serialize(jax.device_get(download.norm_affine)),
+            version=version)
+        return parameters, len(cloud.buffer)
+
+
+def serve(forward: Callable[[np.ndarray], np.ndarray], num_classes: int, fingerprint: str,
+          settings: Settings, adapters: Callable[[str], Any] | None = None
+          ) -> tuple[grpc.Server, int, Batcher]:
+    """Starts the server on `settings.host`; `(server, port, batcher)`."""
+    batcher = Batcher(bucketed(forward, settings.max_batch), settings)
+    limit = settings.max_message_mb * 2 ** 20
+    server = grpc.server(concurrent.futures.ThreadPoolExecutor(settings.workers),
+                         options=[("grpc.max_receive_message_length", limit),
+                                  ("grpc.max_send_message_length", limit)])
+    cloud_pb2_grpc.add_CloudServicer_to_server(
+        Servicer(batcher, num_classes, fingerprint, adapters, settings), server)
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {settings.host}:{settings.port} (in use?)")
+    server.start()
+    return server, port, batcher
