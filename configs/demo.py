@@ -83,7 +83,7 @@ def runtime_config() -> ml_collections.ConfigDict:
 
 STAGE_JOBS = {"edge": "train", "teacher": "train", "label": "label",
               "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "adapt": "adapt",
-              "adapt_long": "adapt", "serve": "serve", "pipeline": "pipeline"}
+              "adapt_long": "adapt", "serve": "serve", "link": "link", "pipeline": "pipeline"}
 PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
 # The pipeline's adapt stage is a short look (~1 min on 2 CPU cores, one corruption); the
 # full comparison (every method, all 15 corruptions) is `configs/demo.py:adapt`.
@@ -261,6 +261,18 @@ def serve_config() -> ml_collections.ConfigDict:
         max_message_mb=64, workers=16, delay_ms=0.0))
 
 
+def link_config(runs: str) -> ml_collections.ConfigDict:
+    """The edge's side of the link (`dmd_jax.jobs.link`): where the cloud is, the
+    deadline, the upload's encoding, the stream and the offload rates measured."""
+    return ml_collections.ConfigDict(dict(
+        address="",  # '' -> read from server_file (written by the serve job)
+        server_file=f"{runs}/serve/server.json",
+        deadline_s=1.0, crf=23, backoff_s=(0.05, 2.0),
+        split="test", corruption="fog", severity=3, batch_size=16, max_batches=32,
+        offload_rates=(0.0, 0.25, 0.5, 1.0),
+        bandwidths_mbit=(10.0, 100.0), rtts_ms=(50.0, 10.0)))
+
+
 def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
     stage, tiny = parse(arg)
     if stage == "pipeline":
@@ -322,11 +334,11 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
     job = STAGE_JOBS[stage]
     config = run_config(job)  # num_devices 0: every device of every host
     runs = "runs/demo"
-    if job in ("train", "label", "adapt"):
+    if job in ("train", "label", "adapt", "link"):
         config.data = data_config("tiny" if tiny else "demo")
     if job in ("label", "evaluate_hybrid", "adapt"):
         config.update(models_config(runs))
-    if job in ("train", "label", "evaluate_hybrid", "adapt", "serve"):
+    if job in ("train", "label", "evaluate_hybrid", "adapt", "serve", "link"):
         config.runtime = runtime_config()
     dmd = dmd_config(runs)
     section = {"label": "label", "train_switcher": "switcher", "evaluate_hybrid": "hybrid"}
@@ -334,6 +346,11 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
         config[section[job]] = dmd[section[job]]
     if job == "adapt":
         config.adapt = adapt_config()
+    if job == "link":
+        config.update(models_config(runs))
+        config.edge.update(switcher_dir=f"{runs}/switcher",
+                           operating_point=f"{runs}/hybrid/operating_point.json")
+        config.link = link_config(runs)
     if job == "serve":
         config.update(models_config(runs))
         config.serve = serve_config()
@@ -423,6 +440,9 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
                            buffer_size=64)
     if "serve" in config:
         config.serve.max_batch = 8
+    if "link" in config:
+        config.link.update(batch_size=8, max_batches=4, offload_rates=(0.0, 0.5, 1.0),
+                           deadline_s=30.0)
     if "adapt" in config:
         config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"), seeds=(0,),
                             bootstrap_resamples=100)

@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 # config.job -> the module implementing it.
 JOBS = {"train": "train", "label": "label", "train_switcher": "switcher",
-        "evaluate_hybrid": "hybrid", "adapt": "adapt", "pipeline": "pipeline", "serve": "serve"}
+        "evaluate_hybrid": "hybrid", "adapt": "adapt", "pipeline": "pipeline", "serve": "serve",
+        "link": "link"}
 
 
 def module(job: str) -> types.ModuleType:

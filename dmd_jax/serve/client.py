@@ -59,12 +59,18 @@ class RemoteCloud:
 
     def __call__(self, clips: np.ndarray) -> np.ndarray:
         """Logits `(n, C)` for `clips`, or `CloudUnavailable`."""
+        started = time.perf_counter()
         message, size = messages.encode_clips(clips, self.crf)
+        encoded = time.perf_counter()
         reply = self._call(self._stub.Classify, cloud_pb2.ClassifyRequest(edge=self.edge,
                                                                           clips=message), size)
-        self.last_timing = {"queue_ms": reply.timing.queue_ms, "decode_ms": reply.timing.decode_ms,
+        call_ms = (time.perf_counter() - encoded) * 1e3
+        server_ms = reply.timing.queue_ms + reply.timing.decode_ms + reply.timing.forward_ms
+        self.last_timing = {"encode_ms": (encoded - started) * 1e3, "call_ms": call_ms,
+                            "transfer_ms": max(call_ms - server_ms, 0.0),
+                            "queue_ms": reply.timing.queue_ms, "decode_ms": reply.timing.decode_ms,
                             "forward_ms": reply.timing.forward_ms,
-                            "batch_clips": reply.timing.batch_clips}
+                            "batch_clips": reply.timing.batch_clips, "bytes": size}
         return np.asarray(reply.logits, np.float32).reshape(len(clips), reply.num_classes)
 
     def adapt(self, clips: np.ndarray) -> bytes | None:

@@ -165,6 +165,30 @@ def test_a_slow_cloud_and_a_full_queue_leave_no_clip_unanswered(tiny_pipeline, t
         slow.stop()
 
 
+def test_link_job_streams_a_corrupted_split_and_measures_latency(server, tiny_pipeline,
+                                                                 data_dir, tmp_path):
+    from conftest import tiny_config
+    from dmd_jax.jobs import link
+
+    _, address = server
+    root = tiny_pipeline
+    config = tiny_config(data_dir, "link", **{
+        "edge.path": f"{root}/edge/model", "edge.switcher_dir": f"{root}/switcher",
+        "edge.operating_point": f"{root}/hybrid/operating_point.json",
+        "cloud.path": f"{root}/teacher/model", "link.address": address})
+    summary = link.run(config, str(tmp_path / "link"))
+    assert summary["clips"] == 32
+    offload = [r["offload_rate"] for r in summary["rates"]]
+    assert offload[0] == 0 and offload[-1] == 1 and 0.3 <= offload[1] <= 0.7
+    for row in summary["rates"]:
+        assert row["fallback"] == 0 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
+        assert (row["bytes_up_per_clip"] > 0) == (row["offload_rate"] > 0)
+    model = summary["latency_model"]
+    assert model["cloud_ms_per_offloaded_clip"] > 0 and model["rtt_ms"] > 0
+    assert all(0.2 < c["ratio"] < 5 for c in model["loopback_check"])
+    assert (tmp_path / "link" / "latency.png").stat().st_size > 0
+
+
 def test_the_cloud_killed_and_restarted_mid_stream(server, tiny_pipeline, clips):
     """A hybrid stream through the link: while the cloud is down its routed clips are
     answered at the edge (fallback), then offloaded again once it is back."""

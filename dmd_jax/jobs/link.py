@@ -1,0 +1,226 @@
+"""The `link` job: an edge streaming a (corrupted) split through the hybrid system, its
+cloud a `serve` job across a real gRPC link; latency measured per clip.
+
+    python -m dmd_jax.main --config configs/demo.py:serve --workdir runs/demo/serve &
+    python -m dmd_jax.main --config configs/demo.py:link --workdir runs/demo/link
+
+For each offload rate in `link.offload_rates` the router's threshold is set to that
+quantile of its scores on the stream (an edge-only first pass), and every batch goes
+through `HybridClassifier` with `RemoteCloud` as its cloud: the edge and router on the
+device, the routed clips encoded (`link.crf`; 0: raw uint8), sent, queued, decoded and
+classified by the server, answered. A clip the cloud does not answer within
+`link.deadline_s` is answered by the edge (`fallback`). Per clip (a clip waits for its
+batch): edge + router, encode, transfer (the call's wall time less the server's own),
+queue, decode and forward, with p50/p99 over the stream; and the latency model
+
+    latency = edge + router + r * (bytes / bandwidth + RTT + cloud)
+
+fitted to the loopback components (RTT: an empty `Health` call), checked against the
+measured means, and drawn as accuracy against latency for `link.bandwidths_mbit` x
+`link.rtts_ms` (`latency.png`). The server must serve the same cloud model as
+`config.cloud.path` (its fingerprint is checked).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import matplotlib
+import ml_collections
+import numpy as np
+
+from dmd_jax import files, hybrid, jobs, parallel, reporting
+from dmd_jax.data import pipeline, streams
+from dmd_jax.errors import UserError, check_positive
+from dmd_jax.serve import client
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+SECTIONS = ("data", "edge", "cloud", "link", "runtime")
+KEYS = {"edge": ("path", "switcher_dir", "operating_point"), "cloud": ("path",),
+        "link": ("address", "server_file", "deadline_s", "crf", "backoff_s", "split",
+                 "corruption", "severity", "batch_size", "max_batches", "offload_rates",
+                 "bandwidths_mbit", "rtts_ms")}
+COMPONENTS = ("edge_ms", "encode_ms", "transfer_ms", "queue_ms", "decode_ms", "forward_ms")
+
+
+class LinkError(UserError, RuntimeError):
+    """The cloud server cannot be reached or serves another model."""
+
+
+@jobs.entry("link", SECTIONS, KEYS)
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    cfg = config.link
+    check_positive(cfg, ("batch_size", "max_batches"), "config.link")
+    if not cfg.deadline_s > 0:
+        raise UserError(f"config.link.deadline_s={cfg.deadline_s} must be > 0 (seconds)")
+    remote = client.RemoteCloud(_address(cfg), cfg.deadline_s, int(cfg.crf),
+                                backoff_s=tuple(cfg.backoff_s))
+    system = hybrid.HybridClassifier.from_dirs(
+        config.edge.path, config.edge.switcher_dir, config.edge.operating_point,
+        config.cloud.path, cloud=remote, runtime=config.runtime)
+    _check_server(remote, config.cloud.path)
+    rtt_ms = _round_trip_ms(remote)
+    batches = _stream(config, cfg)
+    scores = np.concatenate([np.asarray(system.edge_and_router(b["video"])[1]) for b in batches])
+    rows = []
+    for rate in cfg.offload_rates:
+        system.threshold = _threshold(scores, float(rate))
+        rows.append(_measure(system, remote, batches, float(rate)))
+        reporting.log(f"[link] offload {rate:.0%}: accuracy {rows[-1]['accuracy']:.4f}, p50 "
+                      f"{rows[-1]['latency_p50_ms']:.1f} ms, p99 {rows[-1]['latency_p99_ms']:.1f} "
+                      f"ms, fallbacks {rows[-1]['fallback']}")
+    model = _latency_model(rows, rtt_ms)
+    summary = {"address": remote.address, "crf": int(cfg.crf), "rtt_ms": rtt_ms,
+               "clips": int(sum(len(b["label"]) for b in batches)), "rates": rows,
+               "latency_model": model, "link": dataclasses.asdict(remote.stats)}
+    files.write_json(files.path(workdir) / "summary.json", summary)
+    _plot(str(files.path(workdir) / "latency.png"), rows, model, cfg)
+    remote.close()
+    return summary
+
+
+def _address(cfg: ml_collections.ConfigDict) -> str:
+    if cfg.address:
+        return cfg.address
+    path = files.path(cfg.server_file)
+    if not path.exists():
+        raise LinkError(f"no server file {cfg.server_file!r}: start the cloud first (the serve "
+                        "job writes it when it accepts calls) or set config.link.address")
+    return files.read_json(path)["address"]
+
+
+def _check_server(remote: client.RemoteCloud, cloud_path: str) -> None:
+    from dmd_jax import model_store
+    expected = model_store.stored_fingerprint(cloud_path)
+    try:
+        health = remote.health(timeout_s=10)
+    except Exception as err:  # noqa: BLE001 - grpc's errors
+        raise LinkError(f"the cloud at {remote.address} does not answer ({err}); is the serve "
+                        "job running?") from err
+    if expected and health.model != expected:
+        raise LinkError(f"the cloud at {remote.address} serves model {health.model}, not "
+                        f"{cloud_path} ({expected}): start it with that model")
+
+
+def _round_trip_ms(remote: client.RemoteCloud, calls: int = 20) -> float:
+    """The link's round trip: the median of empty Health calls."""
+    times = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        remote.health()
+        times.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(times))
+
+
+def _stream(config: ml_collections.ConfigDict, cfg) -> list[dict[str, np.ndarray]]:
+    """The stream's batches on the host, corrupted as the adapt job corrupts them."""
+    builder = pipeline.prepare(config.data)
+    split = pipeline.open_split(builder, config.data, cfg.split)
+    if not cfg.corruption:
+        order = streams.clip_order(len(split), cfg.batch_size, config.seed)
+        starts = range(0, min(len(order), cfg.batch_size * cfg.max_batches), cfg.batch_size)
+        return [split.rows(order[s:s + cfg.batch_size]) for s in starts]
+    (stream,) = streams.make_streams(streams.Protocol.parse("reset"), np.zeros(len(split), int),
+                                     (cfg.corruption,), (int(cfg.severity),), cfg.batch_size,
+                                     config.seed)
+    reader = streams.StreamReader(split, cfg.batch_size, parallel.make_mesh(), config.seed)
+    out = []
+    for clips, info in reader.batches(stream):
+        out.append({"video": np.asarray(parallel.fetch(clips)), "label": info["label"]})
+        if len(out) == cfg.max_batches:
+            break
+    return out
+
+
+def _threshold(scores: np.ndarray, rate: float) -> float:
+    if rate <= 0:
+        return -np.inf
+    if rate >= 1:
+        return np.inf
+    return float(np.quantile(scores, rate))
+
+
+def _measure(system: hybrid.HybridClassifier, remote: client.RemoteCloud,
+             batches: list[dict[str, np.ndarray]], rate: float) -> dict[str, Any]:
+    """One pass: per clip, its batch's latency and components; accuracy and counts."""
+    per_clip: dict[str, list[float]] = {k: [] for k in ("latency_ms", *COMPONENTS)}
+    correct = offloaded = fallback = routed_bytes = 0
+    total = 0
+    for batch in batches:
+        n = len(batch["label"])
+        remote.last_timing = {}
+        start = time.perf_counter()
+        jax.block_until_ready(system.edge_and_router(batch["video"]))
+        edge_ms = (time.perf_counter() - start) * 1e3
+        start = time.perf_counter()
+        result = system(batch["video"])  # the edge half again, then the link
+        latency_ms = (time.perf_counter() - start) * 1e3
+        timing = remote.last_timing if result.offloaded.any() else {}
+        for name in COMPONENTS:
+            value = edge_ms if name == "edge_ms" else timing.get(name, 0.0)
+            per_clip[name] += [value] * n
+        per_clip["latency_ms"] += [latency_ms] * n
+        correct += int((result.predictions == batch["label"]).sum())
+        offloaded += int(result.offloaded.sum())
+        fallback += int(result.fallback.sum())
+        routed_bytes += int(timing.get("bytes", 0))
+        total += n
+    latency = np.asarray(per_clip["latency_ms"])
+    return {"target_offload": rate, "offload_rate": offloaded / total, "fallback": fallback,
+            "accuracy": correct / total, "bytes_up_per_clip": routed_bytes / total,
+            "latency_p50_ms": float(np.percentile(latency, 50)),
+            "latency_p99_ms": float(np.percentile(latency, 99)),
+            "latency_mean_ms": float(latency.mean()),
+            **{f"mean_{k}": float(np.mean(v)) for k, v in per_clip.items() if k != "latency_ms"}}
+
+
+def _latency_model(rows: list[dict[str, Any]], rtt_ms: float) -> dict[str, Any]:
+    """`edge + r * (bytes/bandwidth + RTT + cloud)` from the measured components: the
+    edge's time from the 0% row (or the lowest rate), the cloud's per offloaded clip
+    (queue, decode, forward, encode) from the others; predicted against measured."""
+    base = min(rows, key=lambda r: r["target_offload"])
+    edge_ms = base["mean_edge_ms"]
+    offloading = [r for r in rows if r["offload_rate"] > 0]
+    cloud_ms = (float(np.mean([(r["mean_encode_ms"] + r["mean_queue_ms"] + r["mean_decode_ms"]
+                                + r["mean_forward_ms"]) / r["offload_rate"] for r in offloading]))
+                if offloading else 0.0)
+    bytes_per_offload = (float(np.mean([r["bytes_up_per_clip"] / r["offload_rate"]
+                                        for r in offloading])) if offloading else 0.0)
+    checks = []
+    for r in rows:
+        # On loopback the transfer is part of the RTT (bandwidth effectively unbounded).
+        predicted = edge_ms + r["offload_rate"] * (rtt_ms + cloud_ms)
+        checks.append({"target_offload": r["target_offload"], "measured_mean_ms":
+                       r["latency_mean_ms"], "predicted_mean_ms": predicted,
+                       "ratio": r["latency_mean_ms"] / predicted if predicted else None})
+    return {"edge_ms": edge_ms, "cloud_ms_per_offloaded_clip": cloud_ms, "rtt_ms": rtt_ms,
+            "bytes_per_offloaded_clip": bytes_per_offload, "loopback_check": checks}
+
+
+def predicted_latency_ms(model: dict[str, Any], rate: float, bandwidth_mbit: float,
+                         rtt_ms: float) -> float:
+    transfer_ms = model["bytes_per_offloaded_clip"] * 8 / (bandwidth_mbit * 1e6) * 1e3
+    return model["edge_ms"] + rate * (transfer_ms + rtt_ms + model["cloud_ms_per_offloaded_clip"])
+
+
+def _plot(path, rows, model, cfg) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rates = [r["offload_rate"] for r in rows]
+    accuracy = [r["accuracy"] for r in rows]
+    ax.plot([r["latency_mean_ms"] for r in rows], accuracy, "ko-", label="loopback, measured")
+    for bandwidth in cfg.bandwidths_mbit:
+        for rtt in cfg.rtts_ms:
+            ax.plot([predicted_latency_ms(model, r, bandwidth, rtt) for r in rates], accuracy,
+                    "--", marker=".", label=f"{bandwidth:g} Mbit/s, {rtt:g} ms (model)")
+    ax.set_xlabel("mean latency per clip (ms)")
+    ax.set_ylabel("accuracy")
+    ax.set_xscale("log")
+    ax.legend(fontsize=7)
+    ax.set_title("Hybrid accuracy vs latency over offload rates")
+    fig.tight_layout()
+    files.save_figure(fig, path)
