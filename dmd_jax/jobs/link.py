@@ -15,9 +15,11 @@ queue, decode and forward, with p50/p99 over the stream; and the latency model
 
     latency = edge + router + r * (bytes / bandwidth + RTT + cloud)
 
-fitted to the loopback components (RTT: an empty `Health` call), checked against the
-measured means, and drawn as accuracy against latency for `link.bandwidths_mbit` x
-`link.rtts_ms` (`latency.png`). The server must serve the same cloud model as
+fitted on loopback (a request of n clips: fixed + n x per-clip ms, least squares over
+every request; RTT: an empty `Health` call), checked against each rate's measured mean,
+and drawn as accuracy against latency for `link.bandwidths_mbit` x `link.rtts_ms`
+(`latency.png`). A clip the edge keeps is answered after the edge and router; an
+offloaded one after its batch's request. The server must serve the same cloud model as
 `config.cloud.path` (its fingerprint is checked).
 """
 
@@ -147,24 +149,31 @@ def _threshold(scores: np.ndarray, rate: float) -> float:
 
 def _measure(system: hybrid.HybridClassifier, remote: client.RemoteCloud,
              batches: list[dict[str, np.ndarray]], rate: float) -> dict[str, Any]:
-    """One pass: per clip, its batch's latency and components; accuracy and counts."""
+    """One pass. A clip the edge keeps is answered after the edge and router; an
+    offloaded one after its batch's request to the cloud too. Per clip latencies and
+    components; per request, its clips, time and bytes (what the latency model fits)."""
     per_clip: dict[str, list[float]] = {k: [] for k in ("latency_ms", *COMPONENTS)}
-    correct = offloaded = fallback = routed_bytes = 0
-    total = 0
+    requests = []
+    correct = offloaded = fallback = routed_bytes = total = 0
     for batch in batches:
         n = len(batch["label"])
-        remote.last_timing = {}
         start = time.perf_counter()
         jax.block_until_ready(system.edge_and_router(batch["video"]))
         edge_ms = (time.perf_counter() - start) * 1e3
+        remote.last_timing = {}
         start = time.perf_counter()
         result = system(batch["video"])  # the edge half again, then the link
-        latency_ms = (time.perf_counter() - start) * 1e3
+        total_ms = (time.perf_counter() - start) * 1e3
+        sent = result.offloaded | result.fallback  # clips that waited for the link
         timing = remote.last_timing if result.offloaded.any() else {}
-        for name in COMPONENTS:
-            value = edge_ms if name == "edge_ms" else timing.get(name, 0.0)
-            per_clip[name] += [value] * n
-        per_clip["latency_ms"] += [latency_ms] * n
+        request_ms = max(total_ms - edge_ms, 0.0)
+        for i in range(n):
+            per_clip["latency_ms"].append(edge_ms + (request_ms if sent[i] else 0.0))
+            per_clip["edge_ms"].append(edge_ms)
+            for name in COMPONENTS[1:]:
+                per_clip[name].append(timing.get(name, 0.0) if result.offloaded[i] else 0.0)
+        if result.offloaded.any():
+            requests.append((int(result.offloaded.sum()), request_ms, int(timing["bytes"])))
         correct += int((result.predictions == batch["label"]).sum())
         offloaded += int(result.offloaded.sum())
         fallback += int(result.fallback.sum())
@@ -173,6 +182,7 @@ def _measure(system: hybrid.HybridClassifier, remote: client.RemoteCloud,
     latency = np.asarray(per_clip["latency_ms"])
     return {"target_offload": rate, "offload_rate": offloaded / total, "fallback": fallback,
             "accuracy": correct / total, "bytes_up_per_clip": routed_bytes / total,
+            "batch_size": len(batches[0]["label"]), "requests": requests,
             "latency_p50_ms": float(np.percentile(latency, 50)),
             "latency_p99_ms": float(np.percentile(latency, 99)),
             "latency_mean_ms": float(latency.mean()),
@@ -180,32 +190,38 @@ def _measure(system: hybrid.HybridClassifier, remote: client.RemoteCloud,
 
 
 def _latency_model(rows: list[dict[str, Any]], rtt_ms: float) -> dict[str, Any]:
-    """`edge + r * (bytes/bandwidth + RTT + cloud)` from the measured components: the
-    edge's time from the 0% row (or the lowest rate), the cloud's per offloaded clip
-    (queue, decode, forward, encode) from the others; predicted against measured."""
-    base = min(rows, key=lambda r: r["target_offload"])
-    edge_ms = base["mean_edge_ms"]
-    offloading = [r for r in rows if r["offload_rate"] > 0]
-    cloud_ms = (float(np.mean([(r["mean_encode_ms"] + r["mean_queue_ms"] + r["mean_decode_ms"]
-                                + r["mean_forward_ms"]) / r["offload_rate"] for r in offloading]))
-                if offloading else 0.0)
-    bytes_per_offload = (float(np.mean([r["bytes_up_per_clip"] / r["offload_rate"]
-                                        for r in offloading])) if offloading else 0.0)
-    checks = []
-    for r in rows:
-        # On loopback the transfer is part of the RTT (bandwidth effectively unbounded).
-        predicted = edge_ms + r["offload_rate"] * (rtt_ms + cloud_ms)
-        checks.append({"target_offload": r["target_offload"], "measured_mean_ms":
-                       r["latency_mean_ms"], "predicted_mean_ms": predicted,
-                       "ratio": r["latency_mean_ms"] / predicted if predicted else None})
-    return {"edge_ms": edge_ms, "cloud_ms_per_offloaded_clip": cloud_ms, "rtt_ms": rtt_ms,
-            "bytes_per_offloaded_clip": bytes_per_offload, "loopback_check": checks}
+    """`latency = edge + router + r * (bytes/bandwidth + RTT + cloud)`, fitted: a
+    request of n clips takes `fixed + n * per_clip` ms on loopback (least squares over
+    every request of every rate; `fixed` holds the loopback RTT), its bytes are
+    `n * bytes_per_clip`. Each rate's mean latency predicted from the fit, against the
+    measured mean."""
+    requests = np.asarray([r for row in rows for r in row["requests"]], np.float64)
+    edge_ms = float(np.mean([row["mean_edge_ms"] for row in rows]))
+    if len(requests) >= 2 and len(np.unique(requests[:, 0])) >= 2:
+        per_clip_ms, fixed_ms = np.polyfit(requests[:, 0], requests[:, 1], 1)
+    else:
+        per_clip_ms, fixed_ms = (0.0, float(requests[:, 1].mean()) if len(requests) else 0.0)
+    bytes_per_clip = float(requests[:, 2].sum() / requests[:, 0].sum()) if len(requests) else 0.0
+    model = {"edge_ms": edge_ms, "fixed_ms_per_request": float(fixed_ms),
+             "cloud_ms_per_clip": float(per_clip_ms), "rtt_ms": rtt_ms,
+             "bytes_per_offloaded_clip": bytes_per_clip}
+    model["loopback_check"] = [
+        {"target_offload": row["target_offload"], "measured_mean_ms": row["latency_mean_ms"],
+         "predicted_mean_ms": (predicted := predicted_latency_ms(
+             model, row["offload_rate"], row["batch_size"], np.inf, rtt_ms)),
+         "ratio": row["latency_mean_ms"] / predicted if predicted else None} for row in rows]
+    return model
 
 
-def predicted_latency_ms(model: dict[str, Any], rate: float, bandwidth_mbit: float,
-                         rtt_ms: float) -> float:
-    transfer_ms = model["bytes_per_offloaded_clip"] * 8 / (bandwidth_mbit * 1e6) * 1e3
-    return model["edge_ms"] + rate * (transfer_ms + rtt_ms + model["cloud_ms_per_offloaded_clip"])
+def predicted_latency_ms(model: dict[str, Any], rate: float, batch_size: int,
+                         bandwidth_mbit: float, rtt_ms: float) -> float:
+    """Mean latency per clip at offload rate `rate` over a link of this bandwidth and RTT:
+    the offloaded fraction waits for a request of `rate * batch_size` clips."""
+    clips = rate * batch_size
+    transfer_ms = clips * model["bytes_per_offloaded_clip"] * 8 / (bandwidth_mbit * 1e6) * 1e3
+    request_ms = (model["fixed_ms_per_request"] - model["rtt_ms"] + rtt_ms
+                  + clips * model["cloud_ms_per_clip"] + transfer_ms)
+    return model["edge_ms"] + rate * request_ms if clips else model["edge_ms"]
 
 
 def _plot(path, rows, model, cfg) -> None:
@@ -215,7 +231,8 @@ def _plot(path, rows, model, cfg) -> None:
     ax.plot([r["latency_mean_ms"] for r in rows], accuracy, "ko-", label="loopback, measured")
     for bandwidth in cfg.bandwidths_mbit:
         for rtt in cfg.rtts_ms:
-            ax.plot([predicted_latency_ms(model, r, bandwidth, rtt) for r in rates], accuracy,
+            ax.plot([predicted_latency_ms(model, r, rows[0]["batch_size"], bandwidth, rtt)
+                     for r in rates], accuracy,
                     "--", marker=".", label=f"{bandwidth:g} Mbit/s, {rtt:g} ms (model)")
     ax.set_xlabel("mean latency per clip (ms)")
     ax.set_ylabel("accuracy")

@@ -184,7 +184,7 @@ def test_link_job_streams_a_corrupted_split_and_measures_latency(server, tiny_pi
         assert row["fallback"] == 0 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
         assert (row["bytes_up_per_clip"] > 0) == (row["offload_rate"] > 0)
     model = summary["latency_model"]
-    assert model["cloud_ms_per_offloaded_clip"] > 0 and model["rtt_ms"] > 0
+    assert model["fixed_ms_per_request"] > 0 and model["rtt_ms"] > 0
     assert all(0.2 < c["ratio"] < 5 for c in model["loopback_check"])
     assert (tmp_path / "link" / "latency.png").stat().st_size > 0
 
