@@ -137,7 +137,9 @@ def stage_config(dataset: str, stage: str, cloud: str,
                             learning_rate=5e-5, weight_decay=0.05, warmup_steps=200,
                             steps=3000, batch_size=16, eval_batch_size=32)
     if "label" in config:
-        config.label.update(batch_size=64, chunk_size=1024)
+        # The offloads' bytes as a deployed edge sends them (H.264 at CRF 23), next to raw:
+        # one more cloud pass over the label splits.
+        config.label.update(batch_size=64, chunk_size=1024, upload_crfs=(23,))
     if "switcher" in config:
         config.switcher.update(steps=2000, log_every=200, checkpoint_every=500)
     if "adapt" in config:

@@ -128,6 +128,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     files.write_json(os.path.join(workdir, "operating_point.json"), point)
     files.write_json(os.path.join(workdir, "summary.json"), summary)
     _plot(os.path.join(workdir, "deferral.png"), curves, costs, summary)
+    if len(summary["uploads"]) > 1:
+        _plot_uploads(os.path.join(workdir, "uploads.png"), summary["uploads"])
     files.write_text(os.path.join(workdir, "report.md"), markdown(summary))
     reporting.log(markdown(summary))
     return summary
@@ -325,6 +327,26 @@ def _plot(path: str, curves: dict[str, np.ndarray], costs: dict[str, float],
     axes[0].set_xlabel("offload rate")
     axes[1].set_xlabel("GFLOPs per clip")
     axes[1].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    files.save_figure(fig, path)
+
+
+def _plot_uploads(path: str, rows: list[dict[str, Any]]) -> None:
+    """Hybrid accuracy against bytes per uploaded clip: raw and each CRF."""
+    plt = reporting.pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    encoded = [r for r in rows if r["crf"] is not None]
+    ax.plot([r["bytes_per_uploaded_clip"] for r in encoded], [r["accuracy"] for r in encoded],
+            "o-", label="H.264")
+    for r in encoded:
+        ax.annotate(f"CRF {r['crf']}", (r["bytes_per_uploaded_clip"], r["accuracy"]),
+                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+    raw = rows[0]
+    ax.plot([raw["bytes_per_uploaded_clip"]], [raw["accuracy"]], "ks", label="raw uint8")
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per uploaded clip")
+    ax.set_ylabel("hybrid accuracy at the operating point")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     files.save_figure(fig, path)
 

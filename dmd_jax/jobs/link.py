@@ -30,7 +30,6 @@ import time
 from typing import Any
 
 import jax
-import matplotlib
 import ml_collections
 import numpy as np
 
@@ -38,9 +37,6 @@ from dmd_jax import files, hybrid, jobs, parallel, reporting
 from dmd_jax.data import pipeline, streams
 from dmd_jax.errors import UserError, check_positive
 from dmd_jax.serve import client
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
 SECTIONS = ("data", "edge", "cloud", "link", "runtime")
 KEYS = {"edge": ("path", "switcher_dir", "operating_point"), "cloud": ("path",),
@@ -225,6 +221,7 @@ def predicted_latency_ms(model: dict[str, Any], rate: float, batch_size: int,
 
 
 def _plot(path, rows, model, cfg) -> None:
+    plt = reporting.pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     rates = [r["offload_rate"] for r in rows]
     accuracy = [r["accuracy"] for r in rows]

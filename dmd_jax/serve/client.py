@@ -46,8 +46,14 @@ class RemoteCloud:
                  backoff_s: tuple[float, float] = (0.05, 2.0), upload_queue_clips: int = 256,
                  max_message_mb: int = 64):
         limit = max_message_mb * 2 ** 20
+        # gRPC's own reconnection back-off (1 s growing to 120 s by default) would keep a
+        # restarted cloud unused for minutes: it follows this client's back-off instead.
+        reconnect_ms = [int(1e3 * backoff_s[0]), int(1e3 * backoff_s[1])]
         self._channel = grpc.insecure_channel(address, options=[
-            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)])
+            ("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit),
+            ("grpc.initial_reconnect_backoff_ms", reconnect_ms[0]),
+            ("grpc.min_reconnect_backoff_ms", reconnect_ms[0]),
+            ("grpc.max_reconnect_backoff_ms", reconnect_ms[1])])
         self._stub = cloud_pb2_grpc.CloudStub(self._channel)
         self.address, self.deadline_s, self.crf, self.edge = address, deadline_s, crf, edge
         self._backoff_min, self._backoff_max = backoff_s

@@ -116,7 +116,7 @@ def test_hybrid_summary_contract(runs):
     # The oracle is never beaten; every file the job promises is there.
     assert all(m["auc"] <= s["routers"]["oracle"]["auc"] + 1e-12 for m in s["routers"].values())
     for name in ("summary.json", "predictions.npz", "curves.npz", "operating_point.json",
-                 "deferral.png", "report.md"):
+                 "deferral.png", "report.md", "uploads.png"):
         assert os.path.getsize(f"{root}/hybrid/{name}") > 0
     predictions = np.load(f"{root}/hybrid/predictions.npz")
     assert np.mean(predictions["prediction"] == predictions["label"]) == pytest.approx(

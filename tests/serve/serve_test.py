@@ -207,7 +207,7 @@ def test_the_cloud_killed_and_restarted_mid_stream(server, tiny_pipeline, clips)
             srv.stop(signal.SIGKILL)  # no goodbye: the process is gone
         if i == 4:
             srv.start()
-            time.sleep(0.3)  # past the client's longest back-off
+            time.sleep(0.5)  # past the client's (and its channel's) longest back-off
         results.append(system(batch))
     for r in results:
         assert len(r.predictions) == 4  # every clip answered exactly once
