@@ -71,7 +71,7 @@ def tiny_config(data_dir: str, stage: str = "edge", **overrides):
 
 
 def dataset_config(data_dir: str, name: str, **overrides):
-    """The tiny config's `data` as another dataset's: its own keys (`root`, `tfds_config`)
+    """The tiny config's `data` as another dataset's: its own keys (`root`, `fold`, ...)
     instead of the synthetic dataset's, with `overrides`."""
     data = tiny_config(data_dir).data
     del data.split_sizes, data.ceiling_cameras

@@ -344,6 +344,7 @@ def _plot_uploads(path: str, rows: list[dict[str, Any]]) -> None:
     raw = rows[0]
     ax.plot([raw["bytes_per_uploaded_clip"]], [raw["accuracy"]], "ks", label="raw uint8")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())  # decades only: minor labels overlap
     ax.set_xlabel("bytes per uploaded clip")
     ax.set_ylabel("hybrid accuracy at the operating point")
     ax.legend(fontsize=8)
