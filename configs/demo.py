@@ -428,7 +428,7 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
         config.train.update(steps=6, log_every=2, eval_every=3, checkpoint_every=3,
                             batch_size=8, eval_batch_size=16, warmup_steps=1)
     if "label" in config:
-        config.label.update(batch_size=8, chunk_size=16, upload_crfs=(30,))
+        config.label.update(batch_size=8, chunk_size=16)
     if "hybrid" in config:
         # Tiny models cost about the same (the edge alone is over half the cloud): a fixed
         # offload rate instead of a compute budget.

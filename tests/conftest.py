@@ -37,15 +37,16 @@ from dmd_jax.data import pipeline  # noqa: E402
 # finish together instead of one waiting on the other's last long file. The first needs
 # the tiny pipeline (built once, under a lock); the next ones need no more than the
 # dataset, so the other worker need not wait for that build.
-SLOW_FIRST = (  # by measured time per file (2-core CPU, 2026-12-01), longest first
+SLOW_FIRST = (  # by measured time per file (2-core CPU, cold compilation cache), longest first
     "tests/jobs/multiprocess_test.py", "tests/tta/methods_vs_reference_test.py",
+    "tests/serve/serve_test.py", "tests/jobs/real_video_test.py",
     "tests/convert/xclip_vs_reference_test.py", "tests/jobs/train_vs_pmap_reference_test.py",
     "tests/jobs/train_test.py", "tests/jobs/train_resume_test.py",
     "tests/convert/x3d_vs_reference_test.py", "tests/gcs_test.py", "tests/jobs/adapt_test.py",
     "tests/faults_test.py", "tests/tta/tta_methods_test.py",
     "tests/models/mixed_precision_test.py", "tests/notebook_test.py",
     "tests/benchmarks_test.py", "tests/jobs/dmd_chain_test.py", "tests/extension_test.py",
-    "tests/serve/serve_test.py", "tests/jobs/real_video_test.py")
+    "tests/data/corruptions_test.py", "tests/data/encoded_video_test.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -117,5 +118,9 @@ def tiny_pipeline(data_dir, tmp_path_factory, worker_id, testrun_uid) -> str:
     per test run; its root. Tests must not write into it (copy it first)."""
     from dmd_jax.jobs import pipeline as pipeline_job
 
+    config = tiny_config(data_dir, "pipeline")
+    # The offloads also as H.264 (the cloud on the decoded clips): only here, not in every
+    # label run of the suite (one more compiled cloud forward each).
+    config.stages.label.label.upload_crfs = (30,)
     return _built_once(tmp_path_factory, worker_id, testrun_uid, "pipeline",
-                       lambda root: pipeline_job.run(tiny_config(data_dir, "pipeline"), root))
+                       lambda root: pipeline_job.run(config, root))

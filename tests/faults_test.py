@@ -120,6 +120,7 @@ def test_a_model_directory_that_lies_about_its_model(tmp_path, data_dir, tiny_pi
         before = tree_digest(tmp_path / name)
         out = run(tiny(tmp_path / f"label_{name}", data_dir, f"--config.edge.path={tmp_path / name}",
                        f"--config.cloud.path={tiny_pipeline}/teacher/model",
+                       "--config.label.upload_crfs=(30,)",  # as the tiny pipeline's labels
                        variant="label,tiny"))
         assert_one_clear_line(out, str(tmp_path / name), *named)
         assert tree_digest(tmp_path / name) == before
@@ -216,6 +217,7 @@ def test_a_damaged_label_chunk_says_how_to_mend_it_and_the_label_job_does(tmp_pa
     assert tree_digest(labels) == before
     relabel = run(tiny(labels, data_dir, f"--config.edge.path={tiny_pipeline}/edge/model",
                        f"--config.cloud.path={tiny_pipeline}/teacher/model",
+                       "--config.label.upload_crfs=(30,)",  # as the tiny pipeline's labels
                        variant="label,tiny"))
     assert relabel.returncode == 0, relabel.stderr[-3000:]
     assert "1 of 2 chunks already on disk" in relabel.stdout

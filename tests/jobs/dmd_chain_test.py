@@ -31,6 +31,8 @@ def runs(data_dir, tiny_pipeline):
         sections = {"label": ("edge", "cloud"), "switcher": ("switcher",),
                     "hybrid": ("edge", "cloud", "hybrid")}[stage]
         base = {k: v for k, v in paths.items() if k.split(".")[0] in sections}
+        if stage == "label":  # the tiny pipeline's labels are made with H.264 offloads too
+            base["label.upload_crfs"] = (30,)
         return tiny_config(data_dir, stage, **{**base, **overrides})
 
     return root, summaries, config

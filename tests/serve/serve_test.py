@@ -175,9 +175,10 @@ def test_link_job_streams_a_corrupted_split_and_measures_latency(server, tiny_pi
     config = tiny_config(data_dir, "link", **{
         "edge.path": f"{root}/edge/model", "edge.switcher_dir": f"{root}/switcher",
         "edge.operating_point": f"{root}/hybrid/operating_point.json",
-        "cloud.path": f"{root}/teacher/model", "link.address": address})
+        "cloud.path": f"{root}/teacher/model", "link.address": address,
+        "link.max_batches": 2})
     summary = link.run(config, str(tmp_path / "link"))
-    assert summary["clips"] == 32
+    assert summary["clips"] == 16
     offload = [r["offload_rate"] for r in summary["rates"]]
     assert offload[0] == 0 and offload[-1] == 1 and 0.3 <= offload[1] <= 0.7
     for row in summary["rates"]:
