@@ -118,9 +118,5 @@ def tiny_pipeline(data_dir, tmp_path_factory, worker_id, testrun_uid) -> str:
     per test run; its root. Tests must not write into it (copy it first)."""
     from dmd_jax.jobs import pipeline as pipeline_job
 
-    config = tiny_config(data_dir, "pipeline")
-    # The offloads also as H.264 (the cloud on the decoded clips): only here, not in every
-    # label run of the suite (one more compiled cloud forward each).
-    config.stages.label.label.upload_crfs = (30,)
     return _built_once(tmp_path_factory, worker_id, testrun_uid, "pipeline",
-                       lambda root: pipeline_job.run(config, root))
+                       lambda root: pipeline_job.run(tiny_config(data_dir, "pipeline"), root))
