@@ -158,10 +158,13 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
     ))
 
 
-def adapt_config() -> ml_collections.ConfigDict:
+def adapt_config(runs: str = "runs/demo") -> ml_collections.ConfigDict:
     """Online adaptation under corruptions (METHODS.md §2-4): the edge adapts, the teacher
     is CEMA's cloud foundation model. The defaults are the papers'; one section per method
-    (`dmd_jax.tta`), variants as overrides of a method's section."""
+    (`dmd_jax.tta`), variants as overrides of a method's section. `dmd` and `dmd_cema`
+    offload through the switcher and operating point of the DMD stages under `runs`."""
+    offloading = dict(switcher_dir=f"{runs}/switcher",
+                      operating_point=f"{runs}/hybrid/operating_point.json")
     from dmd_jax.data.corruptions import METHODS_CORRUPTIONS
 
     gradient = dict(learning_rate=2.5e-4, momentum=0.9)  # Tent's, shared by EATA and SAR
@@ -239,7 +242,16 @@ def adapt_config() -> ml_collections.ConfigDict:
             beta=3.0,
             gamma=1.0,
             temperature=1.0,
+            # Batches between a cloud step and the edge using its parameters (0: the next
+            # batch, as the paper's simulation; k: a link k batches late)
+            download_delay=0,
         ),
+        # DMD's offloading on the stream, nothing adapted (`batch_statistics`: the edge
+        # normalised as `norm`); and one upload, two uses: DMD's offloads feed CEMA's cloud
+        # (its settings are config.adapt.cema's, with these added).
+        dmd=dict(**offloading, upload_crf=0, batch_statistics=False),
+        # cloud_answers: 'model' (the cloud as trained) or 'adapted' (CEMA's foundation)
+        dmd_cema=dict(**offloading, cloud_answers="adapted"),
         # Named variants: a method's section with some settings changed.
         variants=dict(
             cema_static_emax=dict(method="cema", dynamic_emax=False),  # the official code's
@@ -249,6 +261,15 @@ def adapt_config() -> ml_collections.ConfigDict:
             cloud_all=dict(method="cema", upload_all=True),  # the 100%-upload bound
             cema_tbr=dict(method="cema", batch_renorm=True),  # as the official code
             cloud_all_tbr=dict(method="cema", upload_all=True, batch_renorm=True),
+            dmd_norm=dict(method="dmd", batch_statistics=True),
+            dmd_cema_static_cloud=dict(method="dmd_cema", cloud_answers="model"),
+            # Every offloaded clip adapts (the filters off): the switcher's offloads are the
+            # clips the edge doubts, which CEMA's reliability filter mostly turns away.
+            dmd_cema_all=dict(method="dmd_cema", upload_all=True),
+            # Stale parameters: the downloads reach the edge k batches late.
+            cema_late1=dict(method="cema", download_delay=1),
+            cema_late4=dict(method="cema", download_delay=4),
+            cema_late16=dict(method="cema", download_delay=16),
         ),
     ))
 
@@ -347,7 +368,7 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
     if job in section:
         config[section[job]] = dmd[section[job]]
     if job == "adapt":
-        config.adapt = adapt_config()
+        config.adapt = adapt_config(runs)
     if job == "link":
         config.update(models_config(runs))
         config.edge.update(switcher_dir=f"{runs}/switcher",
@@ -356,7 +377,8 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
     if job == "serve":
         config.update(models_config(runs))
         config.serve = serve_config()
-        config.cema = adapt_config().cema
+        config.cema = adapt_config(runs).cema
+        del config.cema.download_delay  # a real link's delays are its own
     if stage == "adapt_long":
         long_streams(config)
     if job == "train":

@@ -108,17 +108,10 @@ class HybridClassifier:
         the models run (a `config.runtime`; each model's defaults if None)."""
         point = files.read_json(operating_point)
         edge = model_store.load(edge_dir, role="edge", runtime=runtime)
-        router = routers.load(point["router"], routers.Context(switcher_dir=switcher_dir))
-        for what, expected, actual in (("edge", point.get("edge_fingerprint"), edge.fingerprint),
-                                       ("router", point.get("router_fingerprint"),
-                                        router.fingerprint)):
-            if expected is not None and expected != actual:
-                raise OperatingPointMismatchError(
-                    f"{operating_point} was calibrated for another {what} (fingerprint "
-                    f"{expected}, given {actual}); run evaluate_hybrid for these models")
+        router, threshold = load_router(operating_point, switcher_dir, edge.fingerprint)
         cloud_model = model_store.load(cloud_dir, role="cloud", runtime=runtime,
                                        class_names=edge.class_names)
-        return cls(edge, router, _threshold(point), cloud or local_cloud(cloud_model),
+        return cls(edge, router, threshold, cloud or local_cloud(cloud_model),
                    cloud_gflops(cloud_model), point["fusion_weight"])
 
     def __call__(self, clips: np.ndarray) -> HybridResult:
@@ -137,6 +130,37 @@ class HybridClassifier:
         spent = len(clips) * self.edge_gflops_per_clip + offloaded.sum() * self.cloud_gflops_per_clip
         return HybridResult(predictions, offloaded, scores, float(spent),
                             int(clips[offloaded].nbytes), fallback)
+
+
+def load_router(operating_point: str, switcher_dir: str,
+                edge_fingerprint: str) -> tuple[routers.Router, float]:
+    """The router and threshold of an operating point (`evaluate_hybrid`'s
+    `operating_point.json`; a learned router read from `switcher_dir`), refused when it
+    was calibrated for another edge or router."""
+    point = files.read_json(operating_point)
+    router = routers.load(point["router"], routers.Context(switcher_dir=switcher_dir))
+    for what, expected, actual in (("edge", point.get("edge_fingerprint"), edge_fingerprint),
+                                   ("router", point.get("router_fingerprint"),
+                                    router.fingerprint)):
+        if expected is not None and expected != actual:
+            raise OperatingPointMismatchError(
+                f"{operating_point} was calibrated for another {what} (fingerprint "
+                f"{expected}, given {actual}); run evaluate_hybrid for these models")
+    return router, _threshold(point)
+
+
+def bucketed(forward: Callable[[np.ndarray], np.ndarray], max_batch: int):
+    """`forward` on any number of clips, run in chunks padded to a power of two <=
+    `max_batch`: the compiled shapes stay few whatever number of clips is offloaded."""
+    def run(clips: np.ndarray) -> np.ndarray:
+        out = []
+        for start in range(0, len(clips), max_batch):
+            chunk = clips[start:start + max_batch]
+            size = min(1 << (len(chunk) - 1).bit_length(), max_batch)
+            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
+            out.append(np.asarray(forward(padded))[:len(chunk)])
+        return np.concatenate(out)
+    return run
 
 
 def _threshold(point: dict) -> float:

@@ -123,4 +123,9 @@ def stage_config(config: ml_collections.ConfigDict, name: str,
     if "hybrid" in stage:
         stage.hybrid.label_dir = os.path.join(workdir, "label")
         stage.hybrid.switcher_dir = os.path.join(workdir, "switcher")
+    for offloading in ("dmd", "dmd_cema"):  # the adapt job's offloading methods
+        if offloading in stage.get("adapt", {}):
+            stage.adapt[offloading].update(
+                switcher_dir=os.path.join(workdir, "switcher"),
+                operating_point=os.path.join(workdir, "hybrid", "operating_point.json"))
     return stage

@@ -28,6 +28,7 @@ import grpc
 import jax
 import numpy as np
 
+from dmd_jax import hybrid
 from dmd_jax.serve import cloud_pb2, cloud_pb2_grpc, messages
 
 
@@ -117,20 +118,6 @@ class Batcher:
             start = stop
 
 
-def bucketed(forward: Callable[[np.ndarray], np.ndarray], max_batch: int):
-    """`forward` on any number of clips, run in chunks padded to a power of two <=
-    `max_batch`: the compiled shapes are bounded whatever the traffic."""
-    def run(clips: np.ndarray) -> np.ndarray:
-        out = []
-        for start in range(0, len(clips), max_batch):
-            chunk = clips[start:start + max_batch]
-            size = min(1 << (len(chunk) - 1).bit_length(), max_batch)
-            padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
-            out.append(np.asarray(forward(padded))[:len(chunk)])
-        return np.concatenate(out)
-    return run
-
-
 class Servicer(cloud_pb2_grpc.CloudServicer):
     """The three calls; `adapters(edge_name)` gives that edge's CEMA cloud (or None when
     the server was started without an edge model)."""
@@ -211,7 +198,7 @@ def serve(forward: Callable[[np.ndarray], np.ndarray], num_classes: int, fingerp
           settings: Settings, adapters: Callable[[str], Any] | None = None
           ) -> tuple[grpc.Server, int, Batcher]:
     """Starts the server on `settings.host`; `(server, port, batcher)`."""
-    batcher = Batcher(bucketed(forward, settings.max_batch), settings)
+    batcher = Batcher(hybrid.bucketed(forward, settings.max_batch), settings)
     limit = settings.max_message_mb * 2 ** 20
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(settings.workers),
                          options=[("grpc.max_receive_message_length", limit),

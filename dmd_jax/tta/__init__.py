@@ -11,7 +11,9 @@ ones), and what it learnt from, uploaded and sent.
 In `config.adapt`, `methods` lists names; a name is either a method module with its
 section `config.adapt.<name>` (`tent`, `eata`, `sar`, `cema`, `lame`; `source` and `norm`
 have none), or a variant in `config.adapt.variants`: `{method: <module>, **overrides of its
-section}` (`cloud_all` is CEMA with `upload_all=True`). `build` resolves both.
+section}` (`cloud_all` is CEMA with `upload_all=True`). `build` resolves both. A method
+built on another declares `EXTENDS` and takes that method's section as well as its own
+(`dmd_cema`: CEMA's settings and its offloading ones).
 
 Modules: `adaptable` (norm affine parameters vs the frozen rest), `losses` and `filters`
 (entropy weights, distillation, EATA's filters), `renorm` (test-time BatchNorm as
@@ -41,13 +43,29 @@ class MethodConfigError(UserError, ValueError):
 
 def method_settings(adapt: ml_collections.ConfigDict, name: str) -> tuple[str, dict[str, Any]]:
     """`(implementation, settings)` of method `name` of `config.adapt`: a variant's
-    implementation and its section with the variant's overrides, or `name` itself."""
+    implementation and its section with the variant's overrides, or `name` itself. A
+    method whose class names `EXTENDS` (`dmd_cema`: 'cema') takes that method's section
+    too, its own section adding the settings it alone has (a key in both is refused)."""
     variants = adapt.get("variants") or {}
     overrides = dict(variants[name]) if name in variants else {}
     implementation = overrides.pop("method", name)
+    settings = _section(adapt, implementation)
+    extends = getattr(plugins.resolve(implementation, __name__, f"adaptation method {name!r}",
+                                      ("Method",)).Method, "EXTENDS", None)
+    if extends:
+        inherited = _section(adapt, extends)
+        twice = sorted(set(inherited) & set(settings))
+        if twice:
+            raise MethodConfigError(
+                f"config.adapt.{implementation} sets {twice}, which it takes from "
+                f"config.adapt.{extends}: set them there, or in a variant")
+        settings = {**inherited, **settings}
+    return implementation, {**settings, **overrides}
+
+
+def _section(adapt: ml_collections.ConfigDict, implementation: str) -> dict[str, Any]:
     section = adapt.get(implementation) if "." not in implementation else None
-    settings = {**(section.to_dict() if section is not None else {}), **overrides}
-    return implementation, settings
+    return section.to_dict() if section is not None else {}
 
 
 def build(adapt: ml_collections.ConfigDict, name: str, edge: Adaptable,

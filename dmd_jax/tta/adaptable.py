@@ -91,14 +91,20 @@ class Adaptable:
 
     def logits(self, norm_affine: Params, constants: dict[str, Any],
                clips: jnp.ndarray) -> jnp.ndarray:
+        return self.outputs(norm_affine, constants, clips)[0]
+
+    def outputs(self, norm_affine: Params, constants: dict[str, Any],
+                clips: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+        """`(logits, pooled features)`, normalised as `logits` is: what a router reads
+        from an adapting edge."""
         x = self.model.prepare(clips)
         variables = {"params": merge(norm_affine, constants["frozen"]), **constants["others"]}
         if "batch_stats" not in variables:  # LayerNorm models: nothing batch-dependent
-            return self.model.module.apply(variables, x, train=False)[0]
+            return self.model.module.apply(variables, x, train=False)
         with nn.intercept_methods(renorm.batch_statistics()):
-            (logits, _), _ = self.model.module.apply(variables, x, train=False,
-                                                     mutable=["batch_stats"])
-        return logits
+            outputs, _ = self.model.module.apply(variables, x, train=False,
+                                                 mutable=["batch_stats"])
+        return outputs
 
     @property
     def has_batch_norm(self) -> bool:
@@ -108,12 +114,18 @@ class Adaptable:
                       clips: jnp.ndarray, mode: str) -> tuple[jnp.ndarray, Any]:
         """`(logits, running statistics)` under test-time batch renormalisation
         (`renorm.interceptor(mode)`); models without BatchNorm run as `logits`."""
+        (logits, _), stats = self.renorm_outputs(norm_affine, stats, constants, clips, mode)
+        return logits, stats
+
+    def renorm_outputs(self, norm_affine: Params, stats: Any, constants: dict[str, Any],
+                       clips: jnp.ndarray, mode: str) -> tuple[tuple[jnp.ndarray, jnp.ndarray], Any]:
+        """`((logits, features), running statistics)`, as `renorm_logits`."""
         if not self.has_batch_norm:
-            return self.logits(norm_affine, constants, clips), stats
+            return self.outputs(norm_affine, constants, clips), stats
         x = self.model.prepare(clips)
         variables = {"params": merge(norm_affine, constants["frozen"]), **constants["others"],
                      "batch_stats": stats}
         with nn.intercept_methods(renorm.interceptor(mode)):
-            (logits, _), updated = self.model.module.apply(variables, x, train=False,
-                                                           mutable=["batch_stats"])
-        return logits, updated["batch_stats"]
+            outputs, updated = self.model.module.apply(variables, x, train=False,
+                                                       mutable=["batch_stats"])
+        return outputs, updated["batch_stats"]

@@ -23,7 +23,7 @@ class BatchResult:
     logits: np.ndarray  # (B, C): the predictions that are scored, made before any update
     learned_from: np.ndarray  # (B,) bool: the clips the adaptation used
     uploaded: np.ndarray  # (B,) bool: the clips that left the edge (CEMA only)
-    loss: float = float("nan")  # nan: no update this batch
+    loss: float = float("nan")  # of the update applied after this batch; nan: none
     updated: bool = False  # whether the model changed after this batch
     bytes_up: int = 0
     bytes_down: int = 0

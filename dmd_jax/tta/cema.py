@@ -81,6 +81,16 @@ def forward(model: Adaptable, params: Params, stats: Any, constants: dict[str, A
     return model.logits(params, constants, clips), stats
 
 
+def forward_outputs(model: Adaptable, params: Params, stats: Any, constants: dict[str, Any],
+                    clips: jax.Array, mode: str, batch_renorm: bool
+                    ) -> tuple[tuple[jax.Array, jax.Array], Any]:
+    """`((logits, features), statistics)`, normalised as `forward`: the edge's pass, whose
+    features a router may read."""
+    if batch_renorm:
+        return model.renorm_outputs(params, stats, constants, clips, mode)
+    return model.outputs(params, constants, clips), stats
+
+
 def stats_template(model: Adaptable, batch_renorm: bool) -> Any:
     """Arrays shaped like the running statistics (their values are set from the first
     batch), or an empty placeholder without renormalisation."""
@@ -133,9 +143,13 @@ class UploadFilter:
             return self.e0
         return self.e0 * self.cfg.lam * (self.entropy_sum / self.seen) / self.warmup_mean
 
-    def select(self, probs: np.ndarray, ent: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def select(self, probs: np.ndarray, ent: np.ndarray, candidates: np.ndarray | None = None
+               ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Which clips of this batch go up, and which clips each filter turned down (each
-        judged on its own, so a clip can fail several); updates the running statistics."""
+        judged on its own, so a clip can fail several); updates the running statistics.
+        `candidates`: the clips that may go up at all (default every clip; the joint
+        DMD + CEMA edge: the ones it offloads). The entropy statistics follow every clip,
+        the redundancy average only the clips that went up."""
         self.seen += len(ent)
         self.entropy_sum += float(ent.sum())
         if self.warmup_mean is None and self.seen >= self.cfg.warmup_clips:
@@ -149,6 +163,8 @@ class UploadFilter:
             failed["redundant"] = ~np.asarray(filters.novel(
                 probs, self.probs_ema, self.has_ema, self.redundancy))
         keep = ~np.any(list(failed.values()), axis=0)
+        if candidates is not None:
+            keep &= candidates
         ema, has = filters.update_probs_ema(self.probs_ema, self.has_ema, probs, keep,
                                             self.cfg.ema_decay)
         self.probs_ema, self.has_ema = np.asarray(ema), np.asarray(has)
@@ -171,10 +187,10 @@ class Edge:
         self._constants = parallel.put_replicated(model.constants(), mesh)
         replicated, batch = parallel.replicated(mesh), parallel.batch_sharded(mesh)
         self._forward = {
-            mode: jax.jit(lambda params, stats, constants, clips, mode=mode: forward(
+            mode: jax.jit(lambda params, stats, constants, clips, mode=mode: forward_outputs(
                 model, params, stats, constants, clips, mode, self.renorm),
                 in_shardings=(replicated, replicated, replicated, batch),
-                out_shardings=(batch, replicated))
+                out_shardings=((batch, batch), replicated))
             for mode in ("init", "use")}
         self.reset()
 
@@ -201,33 +217,49 @@ class Edge:
         self.filter.load_state_dict(state["filter"])
 
     def predict(self, clips: jax.Array) -> np.ndarray:
+        return self.predict_outputs(clips)[0]
+
+    def predict_outputs(self, clips: jax.Array) -> tuple[np.ndarray, jax.Array]:
+        """`(logits on the host, features on the mesh)` with the latest parameters."""
         mode = "use" if self._stats_ready else "init"
-        logits, stats = self._forward[mode](self.norm_affine, self.stats, self._constants, clips)
+        (logits, features), stats = self._forward[mode](self.norm_affine, self.stats,
+                                                        self._constants, clips)
         if not self._stats_ready:
             self.stats, self._stats_ready = stats, True
             self._stats_to_send = parallel.fetch(stats)
-        return parallel.fetch(logits)
+        return parallel.fetch(logits), features
 
     def select(self, clips: jax.Array, logits: np.ndarray
                ) -> tuple[Upload, np.ndarray, dict[str, np.ndarray] | None]:
         """The upload for this batch, the mask of the clips in it and which clips each
         filter turned down (None when every clip goes up, unfiltered)."""
-        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
-        ent = np.asarray(losses.entropy(logits))
-        if self.upload_all:
-            keep, failed = np.ones(len(logits), bool), None
-        else:
-            keep, failed = self.filter.select(probs, ent)
+        keep, failed = self.choose(logits)
         if not keep.any():  # most batches: nothing leaves, so nothing is copied to the host
             return Upload(np.zeros((0, *clips.shape[1:]), clips.dtype)), keep, failed
         stored = np.asarray(parallel.fetch(clips))[keep]  # the clips as the edge stores them
         if self.upload_crf:
             decoded, sizes = uploads.encode_decode(stored, self.upload_crf)
-            upload = Upload(decoded, self._stats_to_send, int(sizes.sum()))
-        else:
-            upload = Upload(stored, self._stats_to_send)
+            return self.package(decoded, int(sizes.sum())), keep, failed
+        return self.package(stored), keep, failed
+
+    def choose(self, logits: np.ndarray, candidates: np.ndarray | None = None
+               ) -> tuple[np.ndarray, dict[str, np.ndarray] | None]:
+        """Which clips go up (of `candidates`, default all) and which clips each filter
+        turned down (None when every candidate goes up, unfiltered)."""
+        if self.upload_all:
+            keep = np.ones(len(logits), bool) if candidates is None else candidates.copy()
+            return keep, None
+        probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+        ent = np.asarray(losses.entropy(logits))
+        return self.filter.select(probs, ent, candidates)
+
+    def package(self, clips: np.ndarray, encoded_bytes: int | None = None) -> Upload:
+        """These clips (as the cloud will see them: decoded if they travel encoded, of
+        `encoded_bytes` then) as an upload, with the first batch's statistics if they have
+        not gone up yet."""
+        upload = Upload(clips, self._stats_to_send, encoded_bytes)
         self._stats_to_send = None
-        return upload, keep, failed
+        return upload
 
     def receive(self, download: Download) -> None:
         self.norm_affine = parallel.put_replicated(download.norm_affine, self._mesh)
@@ -266,6 +298,10 @@ class ReplayBuffer:
         picks = self._rng.choice(len(self._clips), size=count, replace=False)
         return np.stack([self._clips[i] for i in picks])
 
+    def latest(self, count: int) -> list[np.ndarray]:
+        """The `count` most recent clips (fewer if it holds fewer); no randomness used."""
+        return self._clips[len(self._clips) - min(count, len(self._clips)):]
+
 
 class Cloud:
     """The cloud: replay buffer, foundation model, the edge's copy, optimisers, steps."""
@@ -293,6 +329,9 @@ class Cloud:
         self._step = jax.jit(self._adapt, donate_argnums=0,
                              out_shardings=(replicated, replicated))
         self._initial_stats = jax.jit(self._initial_stats_of, out_shardings=replicated)
+        self._classify = jax.jit(lambda state, const, clips: forward(
+            self.foundation, state["foundation"], state["foundation_stats"], const["foundation"],
+            clips, "use", cfg.batch_renorm)[0])
         self.reset()
 
     def reset(self) -> None:
@@ -352,6 +391,22 @@ class Cloud:
         sent = parallel.fetch({"norm_affine": self.state["edge"],
                                "stats": self.state["edge_stats"] if self.cfg.batch_renorm else None})
         return Download(**sent), step_losses
+
+    def classify(self, clips: np.ndarray, batch: int) -> np.ndarray:
+        """The adapted foundation model's logits for `clips`, run `batch` at a time, each
+        forward filled up with the buffer's latest clips (then repeats): a BatchNorm
+        cloud normalises a few offloaded clips with the statistics of recent traffic, and
+        one shape is compiled."""
+        out = []
+        for start in range(0, len(clips), batch):
+            chunk = clips[start:start + batch]
+            fill = [*chunk, *self.buffer.latest(batch - len(chunk))]
+            fill += [chunk[i % len(chunk)] for i in range(batch - len(fill))]
+            logits = self._classify(self.state, self._const,
+                                    parallel.put_rows(np.stack(fill), self._mesh))
+            out.append(np.asarray(parallel.fetch(logits))[:len(chunk)])
+        return np.concatenate(out) if out else np.zeros((0, self.foundation.num_classes),
+                                                        np.float32)
 
     def _run_step(self, new: np.ndarray | None, replay: np.ndarray | None) -> float:
         # Every host holds every uploaded clip: each puts its devices' rows.
@@ -430,26 +485,77 @@ SETTINGS = (  # config.adapt.cema
     "edge_learning_rate", "momentum", "alpha", "beta", "gamma", "temperature")
 
 
+class Downlink:
+    """Downloads on their way to the edge: each arrives `delay` batches after the batch
+    whose upload produced it (0: before the next batch, as the paper's simulation has
+    it), so a study can ask what parameters that come k batches late are worth. Each
+    carries the loss of the cloud steps behind it: the loss of an update is reported
+    (and checked for being finite) when the update reaches the edge."""
+
+    def __init__(self, delay: int):
+        if delay < 0:
+            raise CloudConfigError(f"config.adapt.cema.download_delay={delay} must be >= 0 "
+                                   "(batches between a cloud step and the edge using it)")
+        self.delay = delay
+        self.reset()
+
+    def reset(self) -> None:
+        self.batch = 0
+        # (the batch it arrives after, the download, its steps' mean loss)
+        self._in_flight: list[tuple[int, Download, float]] = []
+
+    def after_batch(self, download: Download | None, loss: float) -> tuple[list[Download], float]:
+        """Sends this batch's download (if any); the downloads that arrive now (oldest
+        first) and their steps' mean loss (nan if none arrives)."""
+        if download is not None:
+            self._in_flight.append((self.batch + self.delay, download, loss))
+        arrived = [item for item in self._in_flight if item[0] <= self.batch]
+        self._in_flight = [item for item in self._in_flight if item[0] > self.batch]
+        self.batch += 1
+        losses_ = [item[2] for item in arrived]
+        return [item[1] for item in arrived], float(np.mean(losses_)) if losses_ else float("nan")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch,
+                "due": np.asarray([item[0] for item in self._in_flight], np.int64),
+                "loss": np.asarray([item[2] for item in self._in_flight], np.float64),
+                "in_flight": {str(i): dataclasses.asdict(item[1])
+                              for i, item in enumerate(self._in_flight)}}
+
+    def load_state_dict(self, state: dict[str, Any], template: Download) -> None:
+        self.batch = int(state["batch"])
+        downloads = [Download(base.like(template.norm_affine, d["norm_affine"]),
+                              None if d["stats"] is None else base.like(template.stats, d["stats"]))
+                     for _, d in sorted(state["in_flight"].items(), key=lambda kv: int(kv[0]))]
+        due = np.asarray(state["due"]).ravel().astype(int)
+        loss = np.asarray(state["loss"]).ravel().astype(float)
+        self._in_flight = list(zip(due.tolist(), downloads, loss.tolist()))
+
+
 class Method:
     """One edge and one cloud on a stream: predict, upload, adapt, download."""
 
-    SETTINGS = SETTINGS
+    SETTINGS = SETTINGS + ("download_delay",)
 
     def __init__(self, edge: Adaptable, cfg: ml_collections.ConfigDict, context: Context):
         self.name = context.name
         self.edge = Edge(edge, context.mesh, cfg)
         self.cloud = Cloud(edge, context.foundation(), context.mesh, cfg, context.seed)
+        self.downlink = Downlink(int(cfg.download_delay))
 
     def reset(self) -> None:
         self.edge.reset()
         self.cloud.reset()
+        self.downlink.reset()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"edge": self.edge.state_dict(), "cloud": self.cloud.state_dict()}
+        return {"edge": self.edge.state_dict(), "cloud": self.cloud.state_dict(),
+                "downlink": self.downlink.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.edge.load_state_dict(state["edge"])
         self.cloud.load_state_dict(state["cloud"])
+        self.downlink.load_state_dict(state["downlink"], download_template(self.edge))
 
     def process(self, clips: jax.Array) -> BatchResult:
         logits = self.edge.predict(clips)
@@ -457,16 +563,25 @@ class Method:
         upload, uploaded, failed = self.edge.select(clips, logits)
         replay_only_before = self.cloud.replay_only_steps
         download, step_losses = self.cloud.receive(upload)
-        if download is not None:
-            self.edge.receive(download)
+        arrived, loss = self.downlink.after_batch(download, _mean(step_losses))
+        for parameters in arrived:
+            self.edge.receive(parameters)
         return BatchResult(
-            logits, learned_from=uploaded, uploaded=uploaded,
-            loss=float(np.mean(step_losses)) if step_losses else float("nan"),
-            updated=download is not None, bytes_up=upload.nbytes,
+            logits, learned_from=uploaded, uploaded=uploaded, loss=loss, updated=bool(arrived), bytes_up=upload.nbytes,
             bytes_down=download.nbytes if download is not None else 0,
             cloud_steps=len(step_losses), filter_failed=failed,
             metrics={"e_max": e_max, "buffer": len(self.cloud.buffer),
                      "replay_only_steps": self.cloud.replay_only_steps - replay_only_before})
+
+
+def download_template(edge: Edge) -> Download:
+    """A download's structure for this edge (what restoring one in flight needs)."""
+    return Download(edge.model.source_norm_affine,
+                    stats_template(edge.model, True) if edge.renorm else None)
+
+
+def _mean(values: list[float]) -> float:
+    return float(np.mean(values)) if values else float("nan")
 
 
 def _stacked(clips: list[np.ndarray]) -> np.ndarray:

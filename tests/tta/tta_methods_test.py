@@ -423,3 +423,37 @@ def test_cema_uploads_encoded_clips_and_counts_their_bytes(edge, mesh):
     raw, _, _ = cema.Edge(edge, mesh, cfg).select(on_mesh(batch, mesh),
                                                 np.zeros((8, NUM_CLASSES), np.float32))
     assert raw.nbytes == batch.nbytes and np.array_equal(raw.clips, batch)
+
+
+def test_downloads_that_arrive_k_batches_late(edge, mesh, shared):
+    """download_delay=k: every clip goes up (cloud_all), so the cloud's steps do not
+    depend on the edge; the late edge holds after batch b what the on-time edge held
+    after batch b-k, each update's loss is reported when it arrives, and downloads still
+    in flight survive a resume."""
+    method = shared["cloud_all"]
+    stream = [on_mesh(clips(80 + i), mesh) for i in range(5)]
+
+    def run():
+        method.reset()
+        results, held = [], []
+        for batch in stream:
+            results.append(method.process(batch))
+            held.append(jax.device_get(method.edge.norm_affine))
+        return results, held
+
+    on_time, on_time_params = run()
+    method.downlink = cema.Downlink(2)
+    try:
+        late, late_params = run()
+        for b, params in enumerate(late_params):
+            expected = on_time_params[b - 2] if b >= 2 else edge.source_norm_affine
+            for k in params:
+                np.testing.assert_array_equal(params[k], expected[k], err_msg=f"batch {b}")
+        assert [r.updated for r in late] == [False, False, True, True, True]
+        assert [r.cloud_steps for r in late] == [r.cloud_steps for r in on_time]
+        assert np.isnan(late[0].loss) and late[2].loss == on_time[0].loss
+        assert_resumes_exactly(method, stream, cut=3)
+    finally:
+        method.downlink = cema.Downlink(0)
+    with pytest.raises(ValueError, match="download_delay"):
+        cema.Downlink(-1)
