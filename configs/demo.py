@@ -291,6 +291,9 @@ def link_config(runs: str) -> ml_collections.ConfigDict:
         deadline_s=1.0, crf=23, backoff_s=(0.05, 2.0),
         split="test", corruption="fog", severity=3, batch_size=16, max_batches=32,
         offload_rates=(0.0, 0.25, 0.5, 1.0),
+        # At the operating point: offloading alone, CEMA alone, and one upload for both
+        # (the offloaded clips CEMA's filters keep also adapt the edge).
+        methods=("dmd", "cema", "dmd_cema"),
         bandwidths_mbit=(10.0, 100.0), rtts_ms=(50.0, 10.0)))
 
 
@@ -374,6 +377,10 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
         config.edge.update(switcher_dir=f"{runs}/switcher",
                            operating_point=f"{runs}/hybrid/operating_point.json")
         config.link = link_config(runs)
+        # The edge's side of CEMA (its filters); the cloud's side is the serve job's.
+        from dmd_jax.tta import cema
+        config.cema = {k: v for k, v in adapt_config(runs).cema.items()
+                       if k in cema.LINK_EDGE_SETTINGS}
     if job == "serve":
         config.update(models_config(runs))
         config.serve = serve_config()
@@ -459,9 +466,10 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
         config.hybrid.compute_budget = 0.0
     if "switcher" in config:
         config.switcher.update(steps=20, batch_size=16, log_every=10, checkpoint_every=10)
-    if "cema" in config:  # the serve job's CEMA cloud
-        config.cema.update(warmup_clips=8, new_per_step=8, replay_per_step=8, replay_from=16,
-                           buffer_size=64)
+    if "cema" in config:  # the serve job's CEMA cloud, the link's CEMA edge
+        small = dict(warmup_clips=8, new_per_step=8, replay_per_step=8, replay_from=16,
+                     buffer_size=64)
+        config.cema.update({k: v for k, v in small.items() if k in config.cema})
     if "serve" in config:
         config.serve.max_batch = 8
     if "link" in config:

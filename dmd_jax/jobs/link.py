@@ -21,11 +21,20 @@ and drawn as accuracy against latency for `link.bandwidths_mbit` x `link.rtts_ms
 (`latency.png`). A clip the edge keeps is answered after the edge and router; an
 offloaded one after its batch's request. The server must serve the same cloud model as
 `config.cloud.path` (its fingerprint is checked).
+
+Then, at the operating point's threshold, each of `link.methods` streams the same
+batches over the link: `dmd` (the hybrid as deployed), `cema` (the CEMA edge, uploading
+what its filters keep through `Adapt`) and `dmd_cema` (one upload, two uses: the clips the
+router sends are answered by the cloud and, those that pass CEMA's filters, `config.cema`,
+join the server's adaptation buffer; the new normalisation parameters come back with the
+answers). Accuracy, offload rate, the fraction adapted on, bytes up and parameter
+downloads per method go into the summary. The server's `config.cema` is the cloud's side.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -37,12 +46,16 @@ from dmd_jax import files, hybrid, jobs, parallel, reporting
 from dmd_jax.data import pipeline, streams
 from dmd_jax.errors import UserError, check_positive
 from dmd_jax.serve import client
+from dmd_jax.tta import cema
+from dmd_jax.tta.adaptable import Adaptable
 
-SECTIONS = ("data", "edge", "cloud", "link", "runtime")
+SECTIONS = ("data", "edge", "cloud", "link", "cema", "runtime")
 KEYS = {"edge": ("path", "switcher_dir", "operating_point"), "cloud": ("path",),
         "link": ("address", "server_file", "deadline_s", "crf", "backoff_s", "split",
                  "corruption", "severity", "batch_size", "max_batches", "offload_rates",
-                 "bandwidths_mbit", "rtts_ms")}
+                 "methods", "bandwidths_mbit", "rtts_ms"),
+        "cema": cema.LINK_EDGE_SETTINGS}
+METHODS = ("dmd", "cema", "dmd_cema")
 COMPONENTS = ("edge_ms", "encode_ms", "transfer_ms", "queue_ms", "decode_ms", "forward_ms")
 
 
@@ -62,8 +75,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         config.edge.path, config.edge.switcher_dir, config.edge.operating_point,
         config.cloud.path, cloud=remote, runtime=config.runtime)
     _check_server(remote, config.cloud.path)
+    unknown = sorted(set(cfg.methods) - set(METHODS))
+    if unknown:
+        raise UserError(f"config.link.methods names {unknown}: the link runs {METHODS}")
     rtt_ms = _round_trip_ms(remote)
     batches = _stream(config, cfg)
+    operating_threshold = system.threshold
     scores = np.concatenate([np.asarray(system.edge_and_router(b["video"])[1]) for b in batches])
     rows = []
     for rate in cfg.offload_rates:
@@ -73,9 +90,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
                       f"{rows[-1]['latency_p50_ms']:.1f} ms, p99 {rows[-1]['latency_p99_ms']:.1f} "
                       f"ms, fallbacks {rows[-1]['fallback']}")
     model = _latency_model(rows, rtt_ms)
+    system.threshold = operating_threshold
+    methods = {name: _adaptive_pass(name, system, remote.address, config, batches)
+               for name in cfg.methods}
     summary = {"address": remote.address, "crf": int(cfg.crf), "rtt_ms": rtt_ms,
                "clips": int(sum(len(b["label"]) for b in batches)), "rates": rows,
-               "latency_model": model, "link": dataclasses.asdict(remote.stats)}
+               "methods": methods, "latency_model": model,
+               "link": dataclasses.asdict(remote.stats)}
     files.write_json(files.path(workdir) / "summary.json", summary)
     _plot(str(files.path(workdir) / "latency.png"), rows, model, cfg)
     remote.close()
@@ -183,6 +204,86 @@ def _measure(system: hybrid.HybridClassifier, remote: client.RemoteCloud,
             "latency_p99_ms": float(np.percentile(latency, 99)),
             "latency_mean_ms": float(latency.mean()),
             **{f"mean_{k}": float(np.mean(v)) for k, v in per_clip.items() if k != "latency_ms"}}
+
+
+def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, config,
+                   batches: list[dict[str, np.ndarray]]) -> dict[str, Any]:
+    """The stream at the operating point's threshold, over the link, as `name`:
+
+    - `dmd`: the hybrid as deployed (source edge, router, the cloud for routed clips);
+    - `cema`: the CEMA edge (batch statistics, the parameters the cloud sends), answering
+      every clip itself and uploading what its filters keep (`Adapt`);
+    - `dmd_cema`: the CEMA edge and the router on its features; routed clips go up once
+      (`Classify`), answered by the cloud, and those CEMA's filters keep are marked to
+      join its buffer: one upload, two uses.
+
+    Each pass is its own edge on the server (a fresh CEMA cloud) and its own channel."""
+    cfg = config.link
+    remote = client.RemoteCloud(address, cfg.deadline_s, int(cfg.crf),
+                                edge=f"link-{name}-{os.getpid()}-{time.time_ns()}",
+                                backoff_s=tuple(cfg.backoff_s))
+    mesh = parallel.make_mesh()
+    edge = None
+    if name != "dmd":
+        settings = {**config.cema.to_dict(), "upload_crf": 0, "batch_renorm": False}
+        edge = cema.Edge(Adaptable.of(system.edge), mesh, ml_collections.ConfigDict(settings))
+    counts = {"correct": 0, "offloaded": 0, "adapted_on": 0, "fallback": 0, "downloads": 0}
+    hybrid_cloud, system.cloud = system.cloud, remote
+    try:
+        for batch in batches:
+            if edge is None:
+                result = system(batch["video"])
+                predictions, routed = result.predictions, result.offloaded
+                counts["fallback"] += int(result.fallback.sum())
+            else:
+                predictions, routed = _adapting_edge_batch(name, system, edge, remote, mesh,
+                                                           batch["video"], counts)
+            counts["correct"] += int((predictions == batch["label"]).sum())
+            counts["offloaded"] += int(routed.sum())
+    finally:
+        system.cloud = hybrid_cloud
+        remote.close()
+    total = sum(len(b["label"]) for b in batches)
+    row = {"accuracy": counts["correct"] / total, "offload_rate": counts["offloaded"] / total,
+           "adapted_on": counts["adapted_on"] / total, "fallback": counts["fallback"],
+           "parameters_received": counts["downloads"],
+           "bytes_up_per_clip": remote.stats.bytes_up / total,
+           "link": dataclasses.asdict(remote.stats)}
+    reporting.log(f"[link] {name} at the operating point: accuracy {row['accuracy']:.4f}, "
+                  f"offloaded {row['offload_rate']:.1%}, adapted on {row['adapted_on']:.1%}, "
+                  f"{row['bytes_up_per_clip'] / 1e3:.1f} kB up per clip, "
+                  f"{counts['downloads']} parameter downloads, fallbacks {counts['fallback']}")
+    return row
+
+
+def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteCloud, mesh,
+                         video: np.ndarray, counts: dict[str, int]
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """One batch at a CEMA edge (`cema`, `dmd_cema`): predictions and the routed clips
+    the cloud answered. A cloud that does not answer leaves the edge's predictions and
+    its parameters as they were (the uploads of `cema` wait in the client's queue)."""
+    logits, features = edge.predict_outputs(parallel.to_global(video, mesh))
+    predictions = logits.argmax(-1)
+    routed = np.zeros(len(video), bool)
+    if name == "dmd_cema":
+        routed = system.router.scores(parallel.fetch(features), logits) < system.threshold
+    keep, _ = edge.choose(logits, candidates=routed if name == "dmd_cema" else None)
+    parameters = None
+    try:
+        if name == "cema":
+            parameters = remote.adapt(video[keep])
+        elif routed.any():
+            cloud_logits, parameters = remote.classify(video[routed], keep[routed])
+            predictions[routed] = hybrid.fuse(logits[routed], cloud_logits, system.fusion_weight)
+    except client.CloudUnavailable:
+        counts["fallback"] += int(routed.sum())
+        routed = np.zeros_like(routed)
+    if parameters is not None:
+        edge.receive(cema.Download(client.norm_affine_from(parameters,
+                                                           edge.model.source_norm_affine)))
+        counts["downloads"] += 1
+    counts["adapted_on"] += int(keep.sum())
+    return predictions, routed
 
 
 def _latency_model(rows: list[dict[str, Any]], rtt_ms: float) -> dict[str, Any]:

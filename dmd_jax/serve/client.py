@@ -65,11 +65,20 @@ class RemoteCloud:
 
     def __call__(self, clips: np.ndarray) -> np.ndarray:
         """Logits `(n, C)` for `clips`, or `CloudUnavailable`."""
+        return self.classify(clips)[0]
+
+    def classify(self, clips: np.ndarray, adapt: np.ndarray | None = None
+                 ) -> tuple[np.ndarray, bytes | None]:
+        """`(logits (n, C), new normalisation parameters or None)`, or `CloudUnavailable`.
+        `adapt`: (n,) bool, the clips that also join this edge's CEMA buffer (one upload,
+        two uses); the parameters come back when they let a cloud step run."""
         started = time.perf_counter()
         message, size = messages.encode_clips(clips, self.crf)
         encoded = time.perf_counter()
-        reply = self._call(self._stub.Classify, cloud_pb2.ClassifyRequest(edge=self.edge,
-                                                                          clips=message), size)
+        request = cloud_pb2.ClassifyRequest(edge=self.edge, clips=message)
+        if adapt is not None and adapt.any():
+            request.adapt.extend(bool(a) for a in adapt)
+        reply = self._call(self._stub.Classify, request, size)
         call_ms = (time.perf_counter() - encoded) * 1e3
         server_ms = reply.timing.queue_ms + reply.timing.decode_ms + reply.timing.forward_ms
         self.last_timing = {"encode_ms": (encoded - started) * 1e3, "call_ms": call_ms,
@@ -77,7 +86,8 @@ class RemoteCloud:
                             "queue_ms": reply.timing.queue_ms, "decode_ms": reply.timing.decode_ms,
                             "forward_ms": reply.timing.forward_ms,
                             "batch_clips": reply.timing.batch_clips, "bytes": size}
-        return np.asarray(reply.logits, np.float32).reshape(len(clips), reply.num_classes)
+        logits = np.asarray(reply.logits, np.float32).reshape(len(clips), reply.num_classes)
+        return logits, self._parameters_of(reply)
 
     def adapt(self, clips: np.ndarray) -> bytes | None:
         """Sends CEMA's uploads (with those waiting from earlier failures); the new
@@ -95,6 +105,9 @@ class RemoteCloud:
         except CloudUnavailable:
             return None
         self._waiting.clear()
+        return self._parameters_of(reply)
+
+    def _parameters_of(self, reply) -> bytes | None:
         if not reply.HasField("parameters"):
             return None
         self.last_parameters = (reply.parameters.version, reply.parameters.norm_affine)

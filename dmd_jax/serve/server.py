@@ -10,8 +10,8 @@ INVALID_ARGUMENT. None of these stops the server.
 
 `Adapt` runs CEMA's cloud (`dmd_jax.tta.cema.Cloud`, one per edge name): the uploads join
 that edge's replay buffer and, when a step runs, the reply carries the edge's new
-normalisation parameters. With `also_adapt`, `Classify`'s clips serve both (one upload,
-two uses). `Health` reports the model and the queue. The message schema is `cloud.proto`.
+normalisation parameters. `Classify`'s clips marked `adapt` serve both (one upload, two
+uses): answered, and added to that edge's buffer. `Health` reports the model and the queue. The message schema is `cloud.proto`.
 """
 
 from __future__ import annotations
@@ -149,10 +149,16 @@ class Servicer(cloud_pb2_grpc.CloudServicer):
         reply = cloud_pb2.ClassifyReply(
             num_classes=self._num_classes, logits=np.asarray(logits, np.float32).ravel(),
             timing=cloud_pb2.Timing(decode_ms=decode_ms, **timing))
-        if request.also_adapt:
-            parameters, _ = self._adapt(request.edge, clips, context)
-            if parameters is not None:
-                reply.parameters.CopyFrom(parameters)
+        if request.adapt:
+            if len(request.adapt) != len(clips):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{len(request.adapt)} adapt flags for {len(clips)} clips: give "
+                              "one per clip, or none")
+            keep = np.asarray(request.adapt, bool)
+            if keep.any():
+                parameters, _ = self._adapt(request.edge, clips[keep], context)
+                if parameters is not None:
+                    reply.parameters.CopyFrom(parameters)
         return reply
 
     def Adapt(self, request, context):

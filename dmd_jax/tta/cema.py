@@ -476,12 +476,16 @@ class Cloud:
         return state, e_loss
 
 
-SETTINGS = (  # config.adapt.cema
+# config.adapt.cema: what the edge reads (its filters and its upload), then the cloud.
+EDGE_SETTINGS = (
     "margin_factor", "unreliable_filter", "dynamic_emax", "warmup_clips", "lam",
     "low_info_filter", "e_min", "redundancy_filter", "redundancy_margin",
-    "margin_reference_classes", "ema_decay", "upload_all", "upload_crf", "batch_renorm",
-    "buffer_size",
-    "new_per_step", "replay_per_step", "replay_from", "foundation_learning_rate",
+    "margin_reference_classes", "ema_decay", "upload_all", "upload_crf", "batch_renorm")
+# Over the link (the link job) the uploads' encoding is the link's and the edge sends no
+# running statistics: batch renormalisation stays in the adapt job.
+LINK_EDGE_SETTINGS = tuple(k for k in EDGE_SETTINGS if k not in ("upload_crf", "batch_renorm"))
+SETTINGS = EDGE_SETTINGS + (
+    "buffer_size", "new_per_step", "replay_per_step", "replay_from", "foundation_learning_rate",
     "edge_learning_rate", "momentum", "alpha", "beta", "gamma", "temperature")
 
 

@@ -134,6 +134,26 @@ def test_adapt_sends_back_parameters_the_edge_loads(server, tiny_pipeline):
     assert any(moved) and all(np.isfinite(x).all() for x in jax.tree.leaves(received))
 
 
+def test_one_upload_two_uses_classify_adapts_on_the_marked_clips(server, clips):
+    """Classify with `adapt` flags: answered as without them, and the marked clips join
+    this edge's CEMA buffer (8 of them: one cloud step, parameters back with the answer)."""
+    _, address = server
+    remote = client.RemoteCloud(address, deadline_s=60, edge="joint-edge")
+    batch = np.concatenate([clips, clips])[:8]
+    plain, none = remote.classify(batch)
+    assert none is None
+    logits, parameters = remote.classify(batch, np.ones(8, bool))
+    np.testing.assert_allclose(logits, plain, atol=1e-5)
+    assert parameters is not None and remote.last_parameters[0] == 1
+    _, parameters = remote.classify(batch, np.arange(8) < 3)  # 3 more: no step yet
+    assert parameters is None
+    stub = cloud_pb2_grpc.CloudStub(grpc.insecure_channel(address))
+    message, _ = messages.encode_clips(batch)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Classify(cloud_pb2.ClassifyRequest(clips=message, adapt=[True, False]), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "adapt flags" in err.value.details()
+
+
 def test_a_slow_cloud_and_a_full_queue_leave_no_clip_unanswered(tiny_pipeline, tmp_path, clips):
     slow = Server(tiny_pipeline, str(tmp_path / "slow"), port=0, delay_ms=400,
                   queue_capacity=1, max_wait_ms=1)
@@ -184,6 +204,13 @@ def test_link_job_streams_a_corrupted_split_and_measures_latency(server, tiny_pi
     for row in summary["rates"]:
         assert row["fallback"] == 0 and 0 < row["latency_p50_ms"] <= row["latency_p99_ms"]
         assert (row["bytes_up_per_clip"] > 0) == (row["offload_rate"] > 0)
+    methods = summary["methods"]
+    assert set(methods) == {"dmd", "cema", "dmd_cema"}
+    assert all(m["fallback"] == 0 and 0 <= m["accuracy"] <= 1 for m in methods.values())
+    assert methods["cema"]["offload_rate"] == 0 and methods["dmd"]["adapted_on"] == 0
+    assert methods["dmd_cema"]["adapted_on"] <= methods["dmd_cema"]["offload_rate"]
+    assert (methods["dmd_cema"]["bytes_up_per_clip"] > 0) == (
+        methods["dmd_cema"]["offload_rate"] > 0)
     model = summary["latency_model"]
     assert model["fixed_ms_per_request"] > 0 and model["rtt_ms"] > 0
     assert all(0.2 < c["ratio"] < 5 for c in model["loopback_check"])
