@@ -275,6 +275,8 @@ def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteClo
         elif routed.any():
             cloud_logits, parameters = remote.classify(video[routed], keep[routed])
             predictions[routed] = hybrid.fuse(logits[routed], cloud_logits, system.fusion_weight)
+        else:  # nothing to send: only ask for parameters a step has made since
+            parameters = remote.adapt(video[:0])
     except client.CloudUnavailable:
         counts["fallback"] += int(routed.sum())
         routed = np.zeros_like(routed)

@@ -90,18 +90,19 @@ class RemoteCloud:
         return logits, self._parameters_of(reply)
 
     def adapt(self, clips: np.ndarray) -> bytes | None:
-        """Sends CEMA's uploads (with those waiting from earlier failures); the new
-        normalisation parameters (flax msgpack bytes) when the cloud ran a step. Clips
-        that cannot go up now wait in the local queue."""
+        """Sends CEMA's uploads (with those waiting from earlier failures; none: only asks);
+        the new normalisation parameters (flax msgpack bytes) when a cloud step has made
+        some since this edge last received any. The cloud steps on its own time, so
+        parameters come back with a later call than the uploads behind them. Clips that
+        cannot go up now wait in the local queue."""
         self.stats.uploads_dropped += max(len(self._waiting) + len(clips) - self._waiting.maxlen, 0)
         self._waiting.extend(clips)
-        if not self._waiting:
-            return None
-        batch = np.stack(self._waiting)
-        message, size = messages.encode_clips(batch, self.crf)
+        request, size = cloud_pb2.AdaptRequest(edge=self.edge), 0
+        if self._waiting:
+            message, size = messages.encode_clips(np.stack(self._waiting), self.crf)
+            request.clips.CopyFrom(message)
         try:
-            reply = self._call(self._stub.Adapt, cloud_pb2.AdaptRequest(edge=self.edge,
-                                                                      clips=message), size)
+            reply = self._call(self._stub.Adapt, request, size)
         except CloudUnavailable:
             return None
         self._waiting.clear()

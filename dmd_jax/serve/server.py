@@ -8,9 +8,9 @@ RESOURCE_EXHAUSTED at once rather than letting latency grow without bound; a req
 whose deadline passes while it waits gets DEADLINE_EXCEEDED; a malformed one gets
 INVALID_ARGUMENT. None of these stops the server.
 
-`Adapt` runs CEMA's cloud (`dmd_jax.tta.cema.Cloud`, one per edge name): the uploads join
-that edge's replay buffer and, when a step runs, the reply carries the edge's new
-normalisation parameters. `Classify`'s clips marked `adapt` serve both (one upload, two
+`Adapt` feeds CEMA's cloud (`dmd_jax.tta.cema.Cloud`, one per edge name, stepping on its
+own thread so that no call waits for a step): the uploads join that edge's replay buffer,
+and a reply carries the edge's new normalisation parameters once a step has made them. `Classify`'s clips marked `adapt` serve both (one upload, two
 uses): answered, and added to that edge's buffer. `Health` reports the model and the queue. The message schema is `cloud.proto`.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import queue
 import threading
 import time
@@ -118,16 +119,83 @@ class Batcher:
             start = stop
 
 
+class Adapter:
+    """CEMA's clouds, one per edge name, stepping on a thread of their own.
+
+    A call that brings uploads never waits for a cloud step (seconds on a CPU: past any
+    deadline worth setting for an answer); the clips join that edge's pending uploads and
+    the newest parameters a step has made since that edge last received some go back with
+    its next reply (`Adapt` without clips just asks)."""
+
+    def __init__(self, adapters: Callable[[str], Any]):
+        self._adapters = adapters
+        self._pending: dict[str, list[np.ndarray]] = {}
+        self._latest: dict[str, tuple[int, bytes]] = {}  # per edge: (version, parameters)
+        self._sent: dict[str, int] = {}  # per edge: the version it has received
+        self._buffer: dict[str, int] = {}
+        self._busy = False
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="adapter", daemon=True)
+        self._thread.start()
+
+    def submit(self, edge: str, clips: np.ndarray) -> tuple[cloud_pb2.Parameters | None, int]:
+        """Queues the clips; `(parameters this edge has not received yet or None, its
+        buffer's size)`."""
+        with self._wake:
+            if len(clips):
+                self._pending.setdefault(edge, []).append(clips)
+                self._wake.notify()
+            version, data = self._latest.get(edge, (0, b""))
+            buffer = self._buffer.get(edge, 0)
+            if version <= self._sent.get(edge, 0):
+                return None, buffer
+            self._sent[edge] = version
+        return cloud_pb2.Parameters(norm_affine=data, version=version), buffer
+
+    def idle(self) -> bool:
+        """Whether every upload received so far has been through its cloud."""
+        with self._wake:
+            return not self._pending and not self._busy
+
+    def close(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                self._wake.wait_for(lambda: self._pending or self._stop)
+                if self._stop:
+                    return
+                edge, clips = self._pending.popitem()
+                self._busy = True
+            try:
+                cloud = self._adapters(edge)
+                download, _ = cloud.receive(messages.upload(np.concatenate(clips)))
+                data = (None if download is None else
+                        flax.serialization.msgpack_serialize(jax.device_get(download.norm_affine)))
+            except Exception as err:  # noqa: BLE001 - one edge's failure stops no other
+                logging.error("CEMA step for edge %r failed: %s", edge, err)
+                data, cloud = None, None
+            with self._wake:
+                if cloud is not None:
+                    self._buffer[edge] = len(cloud.buffer)
+                if data is not None:
+                    self._latest[edge] = (self._latest.get(edge, (0, b""))[0] + 1, data)
+                self._busy = False
+
+
 class Servicer(cloud_pb2_grpc.CloudServicer):
     """The three calls; `adapters(edge_name)` gives that edge's CEMA cloud (or None when
     the server was started without an edge model)."""
 
     def __init__(self, batcher: Batcher, num_classes: int, fingerprint: str,
-                 adapters: Callable[[str], Any] | None, settings: Settings):
+                 adapter: Adapter | None, settings: Settings):
         self._batcher, self._num_classes = batcher, num_classes
-        self._fingerprint, self._adapters, self._settings = fingerprint, adapters, settings
-        self._lock = threading.Lock()  # one CEMA step at a time (they share the devices)
-        self._versions: dict[str, int] = {}  # per edge: parameters sent so far
+        self._fingerprint, self._adapter, self._settings = fingerprint, adapter, settings
 
     def Classify(self, request, context):
         started = time.perf_counter()
@@ -162,7 +230,8 @@ class Servicer(cloud_pb2_grpc.CloudServicer):
         return reply
 
     def Adapt(self, request, context):
-        clips = self._clips(request.clips, context)
+        clips = (self._clips(request.clips, context) if request.HasField("clips")
+                 else np.zeros((0,), np.uint8))  # no clips: a request for new parameters
         parameters, buffer = self._adapt(request.edge, clips, context)
         reply = cloud_pb2.AdaptReply(buffer=buffer)
         if parameters is not None:
@@ -181,23 +250,11 @@ class Servicer(cloud_pb2_grpc.CloudServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
 
     def _adapt(self, edge: str, clips: np.ndarray, context):
-        if self._adapters is None:
+        if self._adapter is None:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                           "this cloud was started without an edge model (config.edge.path): "
                           "it classifies but cannot adapt")
-        edge = edge or "edge"
-        with self._lock:
-            cloud = self._adapters(edge)
-            download, _ = cloud.receive(messages.upload(clips))
-            if download is not None:
-                self._versions[edge] = self._versions.get(edge, 0) + 1
-            version = self._versions.get(edge, 0)
-        if download is None:
-            return None, len(cloud.buffer)
-        parameters = cloud_pb2.Parameters(
-            norm_affine=flax.serialization.msgpack_serialize(jax.device_get(download.norm_affine)),
-            version=version)
-        return parameters, len(cloud.buffer)
+        return self._adapter.submit(edge or "edge", clips)
 
 
 def serve(forward: Callable[[np.ndarray], np.ndarray], num_classes: int, fingerprint: str,
@@ -209,8 +266,9 @@ def serve(forward: Callable[[np.ndarray], np.ndarray], num_classes: int, fingerp
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(settings.workers),
                          options=[("grpc.max_receive_message_length", limit),
                                   ("grpc.max_send_message_length", limit)])
+    adapter = Adapter(adapters) if adapters is not None else None
     cloud_pb2_grpc.add_CloudServicer_to_server(
-        Servicer(batcher, num_classes, fingerprint, adapters, settings), server)
+        Servicer(batcher, num_classes, fingerprint, adapter, settings), server)
     port = server.add_insecure_port(f"{settings.host}:{settings.port}")
     if port == 0:
         raise OSError(f"cannot listen on {settings.host}:{settings.port} (in use?)")

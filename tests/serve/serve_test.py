@@ -120,12 +120,24 @@ def test_bad_messages_get_error_statuses_and_the_server_lives_on(server, clips):
     assert client.RemoteCloud(address, deadline_s=30)(clips).shape == (5, 12)  # still serving
 
 
+def parameters_after_the_step(remote, timeout_s: float = 60) -> bytes:
+    """Asks (an `Adapt` without clips) until the cloud's step has made parameters."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        data = remote.adapt(np.zeros((0, 8, 32, 32, 3), np.uint8))
+        if data is not None:
+            return data
+        time.sleep(0.05)
+    raise AssertionError(f"no parameters within {timeout_s} s")
+
+
 def test_adapt_sends_back_parameters_the_edge_loads(server, tiny_pipeline):
     _, address = server
     remote = client.RemoteCloud(address, deadline_s=60, edge="test-edge")
     uploads_ = np.random.default_rng(1).integers(0, 256, (8, 8, 32, 32, 3), dtype=np.uint8)
-    data = remote.adapt(uploads_)  # 8 clips: one CEMA step (tiny new_per_step)
-    assert data is not None and remote.last_parameters[0] == 1
+    assert remote.adapt(uploads_) is None  # 8 clips: one CEMA step (tiny new_per_step),
+    data = parameters_after_the_step(remote)  # which runs on the cloud's own thread
+    assert remote.last_parameters[0] == 1 and remote.adapt(uploads_[:0]) is None
     edge = Adaptable.of(model_store.load(f"{tiny_pipeline}/edge/model"))
     received = client.norm_affine_from(data, jax.device_get(edge.source_norm_affine))
     assert jax.tree.structure(received) == jax.tree.structure(edge.source_norm_affine)
@@ -136,16 +148,18 @@ def test_adapt_sends_back_parameters_the_edge_loads(server, tiny_pipeline):
 
 def test_one_upload_two_uses_classify_adapts_on_the_marked_clips(server, clips):
     """Classify with `adapt` flags: answered as without them, and the marked clips join
-    this edge's CEMA buffer (8 of them: one cloud step, parameters back with the answer)."""
+    this edge's CEMA buffer (8 of them: one cloud step, whose parameters a later call of
+    this edge gets)."""
     _, address = server
     remote = client.RemoteCloud(address, deadline_s=60, edge="joint-edge")
     batch = np.concatenate([clips, clips])[:8]
     plain, none = remote.classify(batch)
     assert none is None
-    logits, parameters = remote.classify(batch, np.ones(8, bool))
+    logits, _ = remote.classify(batch, np.ones(8, bool))  # the answer does not wait for the step
     np.testing.assert_allclose(logits, plain, atol=1e-5)
-    assert parameters is not None and remote.last_parameters[0] == 1
-    _, parameters = remote.classify(batch, np.arange(8) < 3)  # 3 more: no step yet
+    parameters_after_the_step(remote)
+    assert remote.last_parameters[0] == 1
+    _, parameters = remote.classify(batch, np.arange(8) < 3)  # 3 more: no new step
     assert parameters is None
     stub = cloud_pb2_grpc.CloudStub(grpc.insecure_channel(address))
     message, _ = messages.encode_clips(batch)
