@@ -289,6 +289,7 @@ def link_config(runs: str) -> ml_collections.ConfigDict:
         address="",  # '' -> read from server_file (written by the serve job)
         server_file=f"{runs}/serve/server.json",
         deadline_s=1.0, crf=23, backoff_s=(0.05, 2.0),
+        adapt_deadline_s=10.0,  # CEMA's uploads (`Adapt`): nothing waits for their answer
         split="test", corruption="fog", severity=3, batch_size=16, max_batches=32,
         offload_rates=(0.0, 0.25, 0.5, 1.0),
         # At the operating point: offloading alone, CEMA alone, and one upload for both
@@ -474,7 +475,7 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
         config.serve.max_batch = 8
     if "link" in config:
         config.link.update(batch_size=8, max_batches=4, offload_rates=(0.0, 0.5, 1.0),
-                           deadline_s=30.0)
+                           deadline_s=30.0, adapt_deadline_s=30.0)
     if "adapt" in config:
         config.adapt.update(batch_size=8, corruptions=("gaussian_noise", "reverse"), seeds=(0,),
                             bootstrap_resamples=100)

@@ -51,9 +51,9 @@ from dmd_jax.tta.adaptable import Adaptable
 
 SECTIONS = ("data", "edge", "cloud", "link", "cema", "runtime")
 KEYS = {"edge": ("path", "switcher_dir", "operating_point"), "cloud": ("path",),
-        "link": ("address", "server_file", "deadline_s", "crf", "backoff_s", "split",
-                 "corruption", "severity", "batch_size", "max_batches", "offload_rates",
-                 "methods", "bandwidths_mbit", "rtts_ms"),
+        "link": ("address", "server_file", "deadline_s", "adapt_deadline_s", "crf", "backoff_s",
+                 "split", "corruption", "severity", "batch_size", "max_batches",
+                 "offload_rates", "methods", "bandwidths_mbit", "rtts_ms"),
         "cema": cema.LINK_EDGE_SETTINGS}
 METHODS = ("dmd", "cema", "dmd_cema")
 COMPONENTS = ("edge_ms", "encode_ms", "transfer_ms", "queue_ms", "decode_ms", "forward_ms")
@@ -67,8 +67,9 @@ class LinkError(UserError, RuntimeError):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cfg = config.link
     check_positive(cfg, ("batch_size", "max_batches"), "config.link")
-    if not cfg.deadline_s > 0:
-        raise UserError(f"config.link.deadline_s={cfg.deadline_s} must be > 0 (seconds)")
+    for key in ("deadline_s", "adapt_deadline_s"):
+        if not cfg[key] > 0:
+            raise UserError(f"config.link.{key}={cfg[key]} must be > 0 (seconds)")
     remote = client.RemoteCloud(_address(cfg), cfg.deadline_s, int(cfg.crf),
                                 backoff_s=tuple(cfg.backoff_s))
     system = hybrid.HybridClassifier.from_dirs(
@@ -221,7 +222,8 @@ def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, con
     cfg = config.link
     remote = client.RemoteCloud(address, cfg.deadline_s, int(cfg.crf),
                                 edge=f"link-{name}-{os.getpid()}-{time.time_ns()}",
-                                backoff_s=tuple(cfg.backoff_s))
+                                backoff_s=tuple(cfg.backoff_s),
+                                adapt_deadline_s=cfg.adapt_deadline_s)
     mesh = parallel.make_mesh()
     edge = None
     if name != "dmd":

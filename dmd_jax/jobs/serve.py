@@ -3,8 +3,8 @@
     python -m dmd_jax.main --config configs/demo.py:serve --workdir runs/demo/serve
 
 It loads the cloud model (and, with `config.edge.path`, the edge model CEMA adapts for
-each edge that calls `Adapt`), compiles the forward for every batch bucket before it
-accepts a call, then writes `WORKDIR/server.json` (address, port, pid: `serve.port=0`
+each edge that calls `Adapt`), compiles the forward for every batch bucket and each kind
+of CEMA step before it accepts a call, then writes `WORKDIR/server.json` (address, port, pid: `serve.port=0`
 picks a free port) and serves until SIGINT or SIGTERM. Weights are arguments of the
 compiled forward, never constants in it.
 """
@@ -73,16 +73,19 @@ def _warm_up(forward, input_shape: tuple[int, ...], max_batch: int) -> None:
 
 
 def _adapters(config: ml_collections.ConfigDict, cloud: model_store.LoadedModel):
-    """Per edge name, a CEMA cloud adapting a copy of the edge model (built on first use)."""
+    """Per edge name, a CEMA cloud adapting a copy of the edge model (made on first use
+    from one compiled and warmed-up template, so a new edge waits for no compilation)."""
     edge = Adaptable.of(model_store.load(config.edge.path, "edge", config.runtime,
                                          class_names=cloud.class_names))
     foundation = Adaptable.of(cloud)
     mesh = parallel.make_mesh(config.get("num_devices", 0))
+    template = cema.Cloud(edge, foundation, mesh, config.cema, config.seed)
+    template.warm_up(edge.model.input_shape)
     clouds: dict[str, cema.Cloud] = {}
 
     @functools.wraps(_adapters)
     def for_edge(name: str) -> cema.Cloud:
         if name not in clouds:
-            clouds[name] = cema.Cloud(edge, foundation, mesh, config.cema, config.seed)
+            clouds[name] = template.spawn(config.seed)
         return clouds[name]
     return for_edge

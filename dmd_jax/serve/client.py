@@ -44,7 +44,7 @@ class RemoteCloud:
 
     def __init__(self, address: str, deadline_s: float = 1.0, crf: int = 0, edge: str = "edge",
                  backoff_s: tuple[float, float] = (0.05, 2.0), upload_queue_clips: int = 256,
-                 max_message_mb: int = 64):
+                 max_message_mb: int = 64, adapt_deadline_s: float | None = None):
         limit = max_message_mb * 2 ** 20
         # gRPC's own reconnection back-off (1 s growing to 120 s by default) would keep a
         # restarted cloud unused for minutes: it follows this client's back-off instead.
@@ -56,6 +56,8 @@ class RemoteCloud:
             ("grpc.max_reconnect_backoff_ms", reconnect_ms[1])])
         self._stub = cloud_pb2_grpc.CloudStub(self._channel)
         self.address, self.deadline_s, self.crf, self.edge = address, deadline_s, crf, edge
+        # Uploads for adaptation wait for no answer: they may take longer than a Classify.
+        self.adapt_deadline_s = adapt_deadline_s or deadline_s
         self._backoff_min, self._backoff_max = backoff_s
         self._backoff, self._retry_at = backoff_s[0], 0.0
         self._waiting: collections.deque[np.ndarray] = collections.deque(maxlen=upload_queue_clips)
@@ -102,7 +104,7 @@ class RemoteCloud:
             message, size = messages.encode_clips(np.stack(self._waiting), self.crf)
             request.clips.CopyFrom(message)
         try:
-            reply = self._call(self._stub.Adapt, request, size)
+            reply = self._call(self._stub.Adapt, request, size, self.adapt_deadline_s)
         except CloudUnavailable:
             return None
         self._waiting.clear()
@@ -124,14 +126,14 @@ class RemoteCloud:
     def close(self) -> None:
         self._channel.close()
 
-    def _call(self, method, request, size: int):
+    def _call(self, method, request, size: int, deadline_s: float | None = None):
         now = time.monotonic()
         if now < self._retry_at:
             self.stats.skipped += 1
             raise CloudUnavailable(f"backing off until the cloud at {self.address} is tried again")
         self.stats.calls += 1
         try:
-            reply = method(request, timeout=self.deadline_s)
+            reply = method(request, timeout=deadline_s or self.deadline_s)
         except grpc.RpcError as err:
             code = err.code().name if err.code() else "UNKNOWN"
             self.stats.failed[code] = self.stats.failed.get(code, 0) + 1

@@ -22,6 +22,7 @@ divides its 32/96/128-clip batches, so any device count works.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from typing import Any
@@ -332,6 +333,24 @@ class Cloud:
         self._classify = jax.jit(lambda state, const, clips: forward(
             self.foundation, state["foundation"], state["foundation_stats"], const["foundation"],
             clips, "use", cfg.batch_renorm)[0])
+        self.reset()
+
+    def spawn(self, seed: int) -> "Cloud":
+        """Another edge's cloud: the same models, constants and compiled steps (a server
+        compiles once for every edge), its own state, optimisers and replay buffer."""
+        other = copy.copy(self)
+        other.buffer = ReplayBuffer(self.cfg.buffer_size, seed)
+        other.reset()
+        return other
+
+    def warm_up(self, clip_shape: tuple[int, ...]) -> None:
+        """Runs each kind of step once on blank clips (new clips only, new and replayed,
+        replayed only), so that no edge waits for a compilation; then resets."""
+        cfg = self.cfg
+        blank = np.zeros((cfg.new_per_step + cfg.replay_from, *clip_shape), np.uint8)
+        self.receive(Upload(blank[:cfg.new_per_step]))  # the buffer below replay_from
+        self.receive(Upload(blank[cfg.new_per_step:]))  # now above it: new and replayed
+        self.receive(Upload(blank[:0]))  # nothing new: replayed only
         self.reset()
 
     def reset(self) -> None:

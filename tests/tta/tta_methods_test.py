@@ -457,3 +457,20 @@ def test_downloads_that_arrive_k_batches_late(edge, mesh, shared):
         method.downlink = cema.Downlink(0)
     with pytest.raises(ValueError, match="download_delay"):
         cema.Downlink(-1)
+
+
+def test_a_spawned_cloud_shares_the_compiled_steps_not_the_state(mesh, shared):
+    """The serve job's clouds, one per edge: spawned from one template, each with its own
+    buffer and parameters, and no compilation for a new edge."""
+    template = shared["cloud_all"].cloud
+    template.reset()
+    template.receive(cema.Upload(clips(90)))  # compiled (a new-clips step)
+    other = template.spawn(seed=0)
+    assert len(other.buffer) == 0 and len(template.buffer) == 8
+    with CompileCounter() as counter:
+        download, steps = other.receive(cema.Upload(clips(91)))
+    assert counter.events == 0 and download is not None and len(steps) == 1
+    assert len(template.buffer) == 8 and len(other.buffer) == 8
+    moved = jax.device_get(other.state["edge"])
+    kept = jax.device_get(template.state["edge"])
+    assert any(not np.array_equal(moved[k], kept[k]) for k in moved)
