@@ -106,8 +106,13 @@ def torch_forward(threads: int):
 
 
 def run(quick: bool) -> common.Section:
-    import jax2onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    try:
+        import jax2onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as err:
+        raise SystemExit(f"{err}: this benchmark needs `pip install jax2onnx onnxruntime` "
+                         "(not dependencies of dmd_jax: jax2onnx pins orbax-checkpoint "
+                         "below 0.11.37)") from err
 
     model = demo_or_random(EDGE_DIR, demo.EDGE, 0)
     trained = model.source != "random" and os.path.exists(POINT)

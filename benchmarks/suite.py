@@ -26,7 +26,7 @@ import time
 from benchmarks import common
 
 BENCHMARKS = ("x3d_train_step", "scaling", "videomae_forward", "hybrid_cost", "adapt_throughput",
-              "weights_as_arguments", "loader_throughput", "serve_load")
+              "weights_as_arguments", "loader_throughput", "serve_load", "edge_export")
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
