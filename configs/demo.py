@@ -295,6 +295,7 @@ def link_config(runs: str) -> ml_collections.ConfigDict:
         # At the operating point: offloading alone, CEMA alone, and one upload for both
         # (the offloaded clips CEMA's filters keep also adapt the edge).
         methods=("dmd", "cema", "dmd_cema"),
+        cloud_answers="adapted",  # dmd_cema's: the edge's adapted foundation, or 'model'
         bandwidths_mbit=(10.0, 100.0), rtts_ms=(50.0, 10.0)))
 
 

@@ -53,7 +53,7 @@ SECTIONS = ("data", "edge", "cloud", "link", "cema", "runtime")
 KEYS = {"edge": ("path", "switcher_dir", "operating_point"), "cloud": ("path",),
         "link": ("address", "server_file", "deadline_s", "adapt_deadline_s", "crf", "backoff_s",
                  "split", "corruption", "severity", "batch_size", "max_batches",
-                 "offload_rates", "methods", "bandwidths_mbit", "rtts_ms"),
+                 "offload_rates", "methods", "cloud_answers", "bandwidths_mbit", "rtts_ms"),
         "cema": cema.LINK_EDGE_SETTINGS}
 METHODS = ("dmd", "cema", "dmd_cema")
 COMPONENTS = ("edge_ms", "encode_ms", "transfer_ms", "queue_ms", "decode_ms", "forward_ms")
@@ -79,6 +79,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     unknown = sorted(set(cfg.methods) - set(METHODS))
     if unknown:
         raise UserError(f"config.link.methods names {unknown}: the link runs {METHODS}")
+    if cfg.cloud_answers not in ("model", "adapted"):
+        raise UserError(f"config.link.cloud_answers={cfg.cloud_answers!r}: expected 'model' "
+                        "(the cloud as trained) or 'adapted' (the edge's CEMA foundation)")
     rtt_ms = _round_trip_ms(remote)
     batches = _stream(config, cfg)
     operating_threshold = system.threshold
@@ -215,8 +218,9 @@ def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, con
     - `cema`: the CEMA edge (batch statistics, the parameters the cloud sends), answering
       every clip itself and uploading what its filters keep (`Adapt`);
     - `dmd_cema`: the CEMA edge and the router on its features; routed clips go up once
-      (`Classify`), answered by the cloud, and those CEMA's filters keep are marked to
-      join its buffer: one upload, two uses.
+      (`Classify`), answered by the cloud (`link.cloud_answers`: as trained, or this
+      edge's adapted foundation model), and those CEMA's filters keep are marked to join
+      its buffer: one upload, two uses.
 
     Each pass is its own edge on the server (a fresh CEMA cloud) and its own channel."""
     cfg = config.link
@@ -258,6 +262,11 @@ def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, con
     return row
 
 
+def _answers_adapted(config) -> bool:
+    """`link.cloud_answers`: 'adapted' (the edge's CEMA foundation on the server) or 'model'."""
+    return config.link.cloud_answers == "adapted"
+
+
 def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteCloud, mesh,
                          video: np.ndarray, counts: dict[str, int]
                          ) -> tuple[np.ndarray, np.ndarray]:
@@ -275,7 +284,8 @@ def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteClo
         if name == "cema":
             parameters = remote.adapt(video[keep])
         elif routed.any():
-            cloud_logits, parameters = remote.classify(video[routed], keep[routed])
+            cloud_logits, parameters = remote.classify(
+                video[routed], keep[routed], adapted_answer=_answers_adapted(config))
             predictions[routed] = hybrid.fuse(logits[routed], cloud_logits, system.fusion_weight)
         else:  # nothing to send: only ask for parameters a step has made since
             parameters = remote.adapt(video[:0])

@@ -69,15 +69,17 @@ class RemoteCloud:
         """Logits `(n, C)` for `clips`, or `CloudUnavailable`."""
         return self.classify(clips)[0]
 
-    def classify(self, clips: np.ndarray, adapt: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, bytes | None]:
+    def classify(self, clips: np.ndarray, adapt: np.ndarray | None = None,
+                 adapted_answer: bool = False) -> tuple[np.ndarray, bytes | None]:
         """`(logits (n, C), new normalisation parameters or None)`, or `CloudUnavailable`.
         `adapt`: (n,) bool, the clips that also join this edge's CEMA buffer (one upload,
-        two uses); the parameters come back when they let a cloud step run."""
+        two uses); parameters come back once a cloud step has made new ones.
+        `adapted_answer`: answered by this edge's adapted cloud model, not as trained."""
         started = time.perf_counter()
         message, size = messages.encode_clips(clips, self.crf)
         encoded = time.perf_counter()
-        request = cloud_pb2.ClassifyRequest(edge=self.edge, clips=message)
+        request = cloud_pb2.ClassifyRequest(edge=self.edge, clips=message,
+                                            adapted_answer=adapted_answer)
         if adapt is not None and adapt.any():
             request.adapt.extend(bool(a) for a in adapt)
         reply = self._call(self._stub.Classify, request, size)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64md_jax/serve/cloud.proto\x12\rdmd_jax.serve\"F\n\x05\x43lips\x12\r\n\x05shape\x18\x01 \x03(\x05\x12\x10\n\x08\x65ncoding\x18\x02 \x01(\t\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\x12\x0f\n\x07\x65ncoded\x18\x04 \x03(\x0c\"Y\n\x0f\x43lassifyRequest\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12#\n\x05\x63lips\x18\x02 \x01(\x0b\x32\x14.dmd_jax.serve.Clips\x12\r\n\x05\x61\x64\x61pt\x18\x04 \x03(\x08J\x04\x08\x03\x10\x04\"V\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x11\n\tdecode_ms\x18\x02 \x01(\x02\x12\x12\n\nforward_ms\x18\x03 \x01(\x02\x12\x13\n\x0b\x62\x61tch_clips\x18\x04 \x01(\x05\"\x8a\x01\n\rClassifyReply\x12\x13\n\x0bnum_classes\x18\x01 \x01(\x05\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12%\n\x06timing\x18\x03 \x01(\x0b\x32\x15.dmd_jax.serve.Timing\x12-\n\nparameters\x18\x04 \x01(\x0b\x32\x19.dmd_jax.serve.Parameters\"2\n\nParameters\x12\x13\n\x0bnorm_affine\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x05\"A\n\x0c\x41\x64\x61ptRequest\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12#\n\x05\x63lips\x18\x02 \x01(\x0b\x32\x14.dmd_jax.serve.Clips\"K\n\nAdaptReply\x12-\n\nparameters\x18\x01 \x01(\x0b\x32\x19.dmd_jax.serve.Parameters\x12\x0e\n\x06\x62uffer\x18\x02 \x01(\x05\"\x0f\n\rHealthRequest\"S\n\x0bHealthReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x32\xd6\x01\n\x05\x43loud\x12H\n\x08\x43lassify\x12\x1e.dmd_jax.serve.ClassifyRequest\x1a\x1c.dmd_jax.serve.ClassifyReply\x12?\n\x05\x41\x64\x61pt\x12\x1b.dmd_jax.serve.AdaptRequest\x1a\x19.dmd_jax.serve.AdaptReply\x12\x42\n\x06Health\x12\x1c.dmd_jax.serve.HealthRequest\x1a\x1a.dmd_jax.serve.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x64md_jax/serve/cloud.proto\x12\rdmd_jax.serve\"F\n\x05\x43lips\x12\r\n\x05shape\x18\x01 \x03(\x05\x12\x10\n\x08\x65ncoding\x18\x02 \x01(\t\x12\x0b\n\x03raw\x18\x03 \x01(\x0c\x12\x0f\n\x07\x65ncoded\x18\x04 \x03(\x0c\"q\n\x0f\x43lassifyRequest\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12#\n\x05\x63lips\x18\x02 \x01(\x0b\x32\x14.dmd_jax.serve.Clips\x12\r\n\x05\x61\x64\x61pt\x18\x04 \x03(\x08\x12\x16\n\x0e\x61\x64\x61pted_answer\x18\x05 \x01(\x08J\x04\x08\x03\x10\x04\"V\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x02\x12\x11\n\tdecode_ms\x18\x02 \x01(\x02\x12\x12\n\nforward_ms\x18\x03 \x01(\x02\x12\x13\n\x0b\x62\x61tch_clips\x18\x04 \x01(\x05\"\x8a\x01\n\rClassifyReply\x12\x13\n\x0bnum_classes\x18\x01 \x01(\x05\x12\x0e\n\x06logits\x18\x02 \x03(\x02\x12%\n\x06timing\x18\x03 \x01(\x0b\x32\x15.dmd_jax.serve.Timing\x12-\n\nparameters\x18\x04 \x01(\x0b\x32\x19.dmd_jax.serve.Parameters\"2\n\nParameters\x12\x13\n\x0bnorm_affine\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\x05\"A\n\x0c\x41\x64\x61ptRequest\x12\x0c\n\x04\x65\x64ge\x18\x01 \x01(\t\x12#\n\x05\x63lips\x18\x02 \x01(\x0b\x32\x14.dmd_jax.serve.Clips\"K\n\nAdaptReply\x12-\n\nparameters\x18\x01 \x01(\x0b\x32\x19.dmd_jax.serve.Parameters\x12\x0e\n\x06\x62uffer\x18\x02 \x01(\x05\"\x0f\n\rHealthRequest\"S\n\x0bHealthReply\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06queued\x18\x02 \x01(\x05\x12\x10\n\x08\x63\x61pacity\x18\x03 \x01(\x05\x12\x13\n\x0bnum_classes\x18\x04 \x01(\x05\x32\xd6\x01\n\x05\x43loud\x12H\n\x08\x43lassify\x12\x1e.dmd_jax.serve.ClassifyRequest\x1a\x1c.dmd_jax.serve.ClassifyReply\x12?\n\x05\x41\x64\x61pt\x12\x1b.dmd_jax.serve.AdaptRequest\x1a\x19.dmd_jax.serve.AdaptReply\x12\x42\n\x06Health\x12\x1c.dmd_jax.serve.HealthRequest\x1a\x1a.dmd_jax.serve.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,21 +34,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLIPS']._serialized_start=44
   _globals['_CLIPS']._serialized_end=114
   _globals['_CLASSIFYREQUEST']._serialized_start=116
-  _globals['_CLASSIFYREQUEST']._serialized_end=205
-  _globals['_TIMING']._serialized_start=207
-  _globals['_TIMING']._serialized_end=293
-  _globals['_CLASSIFYREPLY']._serialized_start=296
-  _globals['_CLASSIFYREPLY']._serialized_end=434
-  _globals['_PARAMETERS']._serialized_start=436
-  _globals['_PARAMETERS']._serialized_end=486
-  _globals['_ADAPTREQUEST']._serialized_start=488
-  _globals['_ADAPTREQUEST']._serialized_end=553
-  _globals['_ADAPTREPLY']._serialized_start=555
-  _globals['_ADAPTREPLY']._serialized_end=630
-  _globals['_HEALTHREQUEST']._serialized_start=632
-  _globals['_HEALTHREQUEST']._serialized_end=647
-  _globals['_HEALTHREPLY']._serialized_start=649
-  _globals['_HEALTHREPLY']._serialized_end=732
-  _globals['_CLOUD']._serialized_start=735
-  _globals['_CLOUD']._serialized_end=949
+  _globals['_CLASSIFYREQUEST']._serialized_end=229
+  _globals['_TIMING']._serialized_start=231
+  _globals['_TIMING']._serialized_end=317
+  _globals['_CLASSIFYREPLY']._serialized_start=320
+  _globals['_CLASSIFYREPLY']._serialized_end=458
+  _globals['_PARAMETERS']._serialized_start=460
+  _globals['_PARAMETERS']._serialized_end=510
+  _globals['_ADAPTREQUEST']._serialized_start=512
+  _globals['_ADAPTREQUEST']._serialized_end=577
+  _globals['_ADAPTREPLY']._serialized_start=579
+  _globals['_ADAPTREPLY']._serialized_end=654
+  _globals['_HEALTHREQUEST']._serialized_start=656
+  _globals['_HEALTHREQUEST']._serialized_end=671
+  _globals['_HEALTHREPLY']._serialized_start=673
+  _globals['_HEALTHREPLY']._serialized_end=756
+  _globals['_CLOUD']._serialized_start=759
+  _globals['_CLOUD']._serialized_end=973
 # @@protoc_insertion_point(module_scope)

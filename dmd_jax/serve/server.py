@@ -153,6 +153,12 @@ class Adapter:
             self._sent[edge] = version
         return cloud_pb2.Parameters(norm_affine=data, version=version), buffer
 
+    def classify(self, edge: str, clips: np.ndarray) -> np.ndarray:
+        """Logits of this edge's adapted foundation model (`cema.Cloud.classify`), read
+        while its steps go on: a step replaces the state it reads in one assignment."""
+        cloud = self._adapters(edge)
+        return cloud.classify(clips, cloud.cfg.new_per_step)
+
     def idle(self) -> bool:
         """Whether every upload received so far has been through its cloud."""
         with self._wake:
@@ -201,6 +207,8 @@ class Servicer(cloud_pb2_grpc.CloudServicer):
         started = time.perf_counter()
         clips = self._clips(request.clips, context)
         decode_ms = (time.perf_counter() - started) * 1e3
+        if request.adapted_answer:
+            return self._adapted_answer(request, clips, decode_ms, context)
         try:
             future = self._batcher.submit(clips)
         except queue.Full:
@@ -217,6 +225,24 @@ class Servicer(cloud_pb2_grpc.CloudServicer):
         reply = cloud_pb2.ClassifyReply(
             num_classes=self._num_classes, logits=np.asarray(logits, np.float32).ravel(),
             timing=cloud_pb2.Timing(decode_ms=decode_ms, **timing))
+        return self._with_adaptation(request, clips, reply, context)
+
+    def _adapted_answer(self, request, clips, decode_ms: float, context):
+        """`Classify` answered by the edge's adapted cloud model, outside the shared batches."""
+        if self._adapter is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                          "adapted_answer: this cloud was started without an edge model "
+                          "(config.edge.path), so it has no adapted model")
+        started = time.perf_counter()
+        logits = self._adapter.classify(request.edge or "edge", clips)
+        reply = cloud_pb2.ClassifyReply(
+            num_classes=self._num_classes, logits=np.asarray(logits, np.float32).ravel(),
+            timing=cloud_pb2.Timing(decode_ms=decode_ms, batch_clips=len(clips),
+                                    forward_ms=(time.perf_counter() - started) * 1e3))
+        return self._with_adaptation(request, clips, reply, context)
+
+    def _with_adaptation(self, request, clips, reply, context):
+        """The clips marked `adapt` join the edge's buffer; new parameters go with the reply."""
         if request.adapt:
             if len(request.adapt) != len(clips):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,

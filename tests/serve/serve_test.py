@@ -161,6 +161,9 @@ def test_one_upload_two_uses_classify_adapts_on_the_marked_clips(server, clips):
     assert remote.last_parameters[0] == 1
     _, parameters = remote.classify(batch, np.arange(8) < 3)  # 3 more: no new step
     assert parameters is None
+    adapted, _ = remote.classify(batch, adapted_answer=True)  # this edge's adapted cloud
+    assert adapted.shape == plain.shape and np.isfinite(adapted).all()
+    assert not np.allclose(adapted, plain, atol=1e-3)
     stub = cloud_pb2_grpc.CloudStub(grpc.insecure_channel(address))
     message, _ = messages.encode_clips(batch)
     with pytest.raises(grpc.RpcError) as err:
