@@ -29,7 +29,7 @@ import numpy as np
 from benchmarks import common
 from benchmarks.demo_models import DEMO_CLIP as CLIP, EDGE_DIR, demo_or_random
 from configs import demo
-from dmd_jax import hybrid, routers
+from dmd_jax import hybrid, parallel, routers
 from dmd_jax.data import synthetic
 from dmd_jax.references import pytorchvideo_create_x3d
 from dmd_jax.tta.adaptable import merge, split_norm_affine
@@ -170,7 +170,7 @@ def run(quick: bool) -> common.Section:
                "architecture with random weights (speed only) and its max_prob."),
         columns=["runtime", "threads", "clips/s", "accuracy", "max logit diff vs JAX",
                  "vs JAX"],
-        rows=rows, devices={"backend": jax.default_backend()})
+        rows=rows, devices=parallel.describe())
 
 
 if __name__ == "__main__":

@@ -242,8 +242,9 @@ def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, con
                 predictions, routed = result.predictions, result.offloaded
                 counts["fallback"] += int(result.fallback.sum())
             else:
-                predictions, routed = _adapting_edge_batch(name, system, edge, remote, mesh,
-                                                           batch["video"], counts)
+                predictions, routed = _adapting_edge_batch(
+                    name, system, edge, remote, mesh, batch["video"], counts,
+                    adapted_answer=cfg.cloud_answers == "adapted")
             counts["correct"] += int((predictions == batch["label"]).sum())
             counts["offloaded"] += int(routed.sum())
     finally:
@@ -262,13 +263,8 @@ def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, con
     return row
 
 
-def _answers_adapted(config) -> bool:
-    """`link.cloud_answers`: 'adapted' (the edge's CEMA foundation on the server) or 'model'."""
-    return config.link.cloud_answers == "adapted"
-
-
 def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteCloud, mesh,
-                         video: np.ndarray, counts: dict[str, int]
+                         video: np.ndarray, counts: dict[str, int], adapted_answer: bool
                          ) -> tuple[np.ndarray, np.ndarray]:
     """One batch at a CEMA edge (`cema`, `dmd_cema`): predictions and the routed clips
     the cloud answered. A cloud that does not answer leaves the edge's predictions and
@@ -285,7 +281,7 @@ def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteClo
             parameters = remote.adapt(video[keep])
         elif routed.any():
             cloud_logits, parameters = remote.classify(
-                video[routed], keep[routed], adapted_answer=_answers_adapted(config))
+                video[routed], keep[routed], adapted_answer=adapted_answer)
             predictions[routed] = hybrid.fuse(logits[routed], cloud_logits, system.fusion_weight)
         else:  # nothing to send: only ask for parameters a step has made since
             parameters = remote.adapt(video[:0])
