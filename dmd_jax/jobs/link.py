@@ -285,9 +285,9 @@ def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteClo
             predictions[routed] = hybrid.fuse(logits[routed], cloud_logits, system.fusion_weight)
         else:  # nothing to send: only ask for parameters a step has made since
             parameters = remote.adapt(video[:0])
-    except client.CloudUnavailable:
+    except client.CloudUnavailable:  # (dmd_cema's Classify) the clips reached neither use
         counts["fallback"] += int(routed.sum())
-        routed = np.zeros_like(routed)
+        routed, keep = np.zeros_like(routed), np.zeros_like(keep)
     if parameters is not None:
         edge.receive(cema.Download(client.norm_affine_from(parameters,
                                                            edge.model.source_norm_affine)))
