@@ -21,6 +21,7 @@ import importlib.metadata
 import os
 import tempfile
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from benchmarks import common
 from benchmarks.demo_models import DEMO_CLIP as CLIP, EDGE_DIR, demo_or_random
 from configs import demo
 from dmd_jax import hybrid, parallel, routers
+from dmd_jax.convert import mapping, x3d as x3d_rules
 from dmd_jax.data import synthetic
 from dmd_jax.references import pytorchvideo_create_x3d
 from dmd_jax.tta.adaptable import merge, split_norm_affine
@@ -105,6 +107,49 @@ def torch_forward(threads: int):
     return run
 
 
+# Inverse of the converters' layout transforms (PyTorch -> Flax), for the PyTorch route.
+_TO_TORCH = {mapping.identity: lambda x, shape: x, mapping.linear: lambda x, shape: x.T,
+             mapping.conv: lambda x, shape: np.transpose(x, (x.ndim - 1, x.ndim - 2,
+                                                             *range(x.ndim - 2))),
+             mapping.pointwise_as_dense: lambda x, shape: x.T.reshape(shape)}
+
+
+def torch_edge(model):
+    """pytorchvideo's X3D holding `model`'s weights: the converter's rules run backwards."""
+    import torch
+    torch_model = pytorchvideo_create_x3d()(
+        input_clip_length=CLIP[0], input_crop_size=CLIP[1], model_num_class=len(synthetic.CLASSES),
+        dropout_rate=0.0, width_factor=demo.EDGE["width_factor"],
+        depth_factor=demo.EDGE["depth_factor"], head_dim_out=demo.EDGE["head_dim"],
+        head_activation=None).eval()
+    template = {k: v.numpy() for k, v in torch_model.state_dict().items()}
+    weights = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(model.variables)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        key, transform = mapping._source(name, x3d_rules.RULES, template)
+        weights[key] = torch.from_numpy(np.ascontiguousarray(
+            _TO_TORCH[transform](np.asarray(leaf), template[key].shape)))
+    torch_model.load_state_dict(weights, strict=False)  # num_batches_tracked: not weights
+    return torch_model
+
+
+def torch_route(model, path: str) -> tuple[Any, float]:
+    """The edge exported through PyTorch (`torch.onnx`, NCDHW as PyTorch runs it): a
+    function of uint8 clips -> logits in ONNX Runtime, and the export's seconds."""
+    import torch
+    torch_model = torch_edge(model)
+    start = time.perf_counter()
+    example = torch.zeros((BATCH, CLIP[-1], *CLIP[:-1]))
+    torch.onnx.export(torch_model, (example,), path, dynamo=False, input_names=["x"],
+                      output_names=["logits"])
+    seconds = time.perf_counter() - start
+
+    def prepare(clips):
+        x = (clips.astype(np.float32) / 255 - 0.45) / 0.225
+        return np.ascontiguousarray(np.transpose(x, (0, 4, 1, 2, 3)))
+    return (lambda session: lambda clips: session.run(None, {"x": prepare(clips)})), seconds
+
+
 def run(quick: bool) -> common.Section:
     try:
         import jax2onnx
@@ -151,6 +196,15 @@ def run(quick: bool) -> common.Section:
             rows.append([f"ONNX Runtime {variant}", threads, rate(run_onnx, batches, seconds),
                          float(np.mean(outputs[variant][0].argmax(-1) == labels)),
                          float(np.abs(outputs[variant][0] - reference[0]).max())])
+    torch_path = os.path.join(folder, "edge_from_torch.onnx")
+    run_with, torch_export_s = torch_route(model, torch_path)
+    for threads in (1, 2):
+        run_onnx = run_with(onnx_session(torch_path, threads))
+        logits = np.concatenate([run_onnx(b)[0] for b in batches])
+        rows.append(["ONNX Runtime fp32, exported through PyTorch (edge only)", threads,
+                     rate(run_onnx, batches, seconds),
+                     float(np.mean(logits.argmax(-1) == labels)),
+                     float(np.abs(logits - reference[0]).max())])
     jax_rate = rate(run_jax, batches, seconds)
     rows.append(["JAX (jit)", "all", jax_rate, float(np.mean(reference[0].argmax(-1) == labels)),
                  0.0])
@@ -166,8 +220,11 @@ def run(quick: bool) -> common.Section:
                f"width 0.5) with router {router.spec}; batches of {BATCH} clips (8x32x32), "
                f"{len(clips)} clean synthetic clips. jax2onnx {importlib.metadata.version('jax2onnx')} export "
                f"{export_s:.0f} s; int8: ONNX Runtime dynamic weight quantisation. Accuracy on "
-               "those clips; the largest logit difference from JAX. PyTorch runs the same "
-               "architecture with random weights (speed only) and its max_prob."),
+               "those clips; the largest logit difference from JAX. 'Exported through "
+               "PyTorch': the same weights put into pytorchvideo's X3D by the converter's "
+               f"rules run backwards, `torch.onnx.export` ({torch_export_s:.1f} s), the edge "
+               "alone (no router). PyTorch eager runs the same architecture with random "
+               "weights (speed only) and its max_prob."),
         columns=["runtime", "threads", "clips/s", "accuracy", "max logit diff vs JAX",
                  "vs JAX"],
         rows=rows, devices=parallel.describe())
