@@ -83,7 +83,8 @@ def runtime_config() -> ml_collections.ConfigDict:
 
 STAGE_JOBS = {"edge": "train", "teacher": "train", "label": "label",
               "switcher": "train_switcher", "hybrid": "evaluate_hybrid", "adapt": "adapt",
-              "adapt_long": "adapt", "serve": "serve", "link": "link", "pipeline": "pipeline"}
+              "adapt_long": "adapt", "serve": "serve", "link": "link", "export_edge": "export_edge",
+              "pipeline": "pipeline"}
 PIPELINE_STAGES = ("edge", "teacher", "label", "switcher", "hybrid", "adapt")
 # The pipeline's adapt stage is a short look (~1 min on 2 CPU cores, one corruption); the
 # full comparison (every method, all 15 corruptions) is `configs/demo.py:adapt`.
@@ -299,6 +300,15 @@ def link_config(runs: str) -> ml_collections.ConfigDict:
         bandwidths_mbit=(10.0, 100.0), rtts_ms=(50.0, 10.0)))
 
 
+def export_config() -> ml_collections.ConfigDict:
+    """The deployed edge (`dmd_jax.jobs.export_edge`): how it normalises, its int8 form's
+    calibration, and the check against JAX."""
+    return ml_collections.ConfigDict(dict(
+        normalization="batch",  # 'batch' (CEMA's edge, Norm, Tent) or 'running'
+        int8=True, calibration_split="calibration", calibration_clips=256,
+        check_split="test", check_clips=512, batch_size=16, tolerance=1e-4))
+
+
 def get_config(arg: str = "edge") -> ml_collections.ConfigDict:
     stage, tiny = parse(arg)
     if stage == "pipeline":
@@ -362,11 +372,11 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
     job = STAGE_JOBS[stage]
     config = run_config(job)  # num_devices 0: every device of every host
     runs = "runs/demo"
-    if job in ("train", "label", "adapt", "link"):
+    if job in ("train", "label", "adapt", "link", "export_edge"):
         config.data = data_config("tiny" if tiny else "demo")
     if job in ("label", "evaluate_hybrid", "adapt"):
         config.update(models_config(runs))
-    if job in ("train", "label", "evaluate_hybrid", "adapt", "serve", "link"):
+    if job in ("train", "label", "evaluate_hybrid", "adapt", "serve", "link", "export_edge"):
         config.runtime = runtime_config()
     dmd = dmd_config(runs)
     section = {"label": "label", "train_switcher": "switcher", "evaluate_hybrid": "hybrid"}
@@ -383,6 +393,10 @@ def stage_config(stage: str, tiny: bool = False) -> ml_collections.ConfigDict:
         from dmd_jax.tta import cema
         config.cema = {k: v for k, v in adapt_config(runs).cema.items()
                        if k in cema.LINK_EDGE_SETTINGS}
+    if job == "export_edge":
+        config.edge = dict(path=f"{runs}/edge/model", switcher_dir=f"{runs}/switcher",
+                           operating_point=f"{runs}/hybrid/operating_point.json")
+        config.export = export_config()
     if job == "serve":
         config.update(models_config(runs))
         config.serve = serve_config()
@@ -474,6 +488,8 @@ def shrink(config: ml_collections.ConfigDict, stage: str) -> None:
         config.cema.update({k: v for k, v in small.items() if k in config.cema})
     if "serve" in config:
         config.serve.max_batch = 8
+    if "export" in config:
+        config.export.update(calibration_clips=16, check_clips=16, batch_size=8)
     if "link" in config:
         config.link.update(batch_size=8, max_batches=4, offload_rates=(0.0, 0.5, 1.0),
                            deadline_s=30.0, adapt_deadline_s=30.0)

@@ -95,6 +95,18 @@ def save(directory: str, model_config: Mapping[str, Any], class_names: tuple[str
         "shapes": checkpoint.shapes(variables), "fingerprint": reporting.fingerprint(variables)})
 
 
+def require(directory: str, role: str = "model") -> epath.Path:
+    """The path of `directory`'s model.json, or the one clear error when there is none:
+    jobs call it before slow work (preparing a dataset) to fail fast."""
+    info_path = epath.Path(directory) / INFO_FILE
+    if not info_path.exists():
+        raise ModelNotFoundError(
+            f"no exported model in {directory!r} for the {role} ({INFO_FILE} missing): train "
+            "one with the train job (it exports to WORKDIR/model) or convert one with "
+            "`python -m dmd_jax.convert`, then point the config at that directory")
+    return info_path
+
+
 def load(directory: str, role: str = "model", runtime: Mapping[str, Any] | None = None,
          class_names: tuple[str, ...] | None = None) -> LoadedModel:
     """Loads the model exported to `directory`, built with the job's `runtime` settings.
@@ -102,12 +114,7 @@ def load(directory: str, role: str = "model", runtime: Mapping[str, Any] | None 
     `role` names it in errors (e.g. 'cloud'). With `class_names` (a dataset's), the model
     must predict exactly those, or be a zero-shot model whose module re-targets it
     (`with_classes`, X-CLIP)."""
-    info_path = epath.Path(directory) / INFO_FILE
-    if not info_path.exists():
-        raise ModelNotFoundError(
-            f"no exported model in {directory!r} for the {role} ({INFO_FILE} missing): train "
-            "one with the train job (it exports to WORKDIR/model) or convert one with "
-            "`python -m dmd_jax.convert`, then point the config at that directory")
+    info_path = require(directory, role)
     info = files.read_json(info_path)
     missing = [k for k in ("model", "class_names", "input_shape", "shapes") if k not in info]
     if missing:

@@ -98,6 +98,11 @@ def convert(state_dict: dict[str, np.ndarray], target: Any, rules: tuple[Rule, .
     return variables
 
 
+def source_key(name: str, rules: tuple[Rule, ...], state_dict: dict[str, Any]) -> str:
+    """The PyTorch key the Flax leaf `name` (e.g. 'params/stem/norm/scale') maps to."""
+    return _source(name, rules, state_dict)[0]
+
+
 def _source(name: str, rules: tuple[Rule, ...],
             state_dict: dict[str, np.ndarray]) -> tuple[str, Transform]:
     for rule in rules:
@@ -112,3 +117,40 @@ def _source(name: str, rules: tuple[Rule, ...],
         raise ConversionError(f"checkpoint is missing key {keys[0]!r} (for the model's "
                               f"{name!r}); is it the architecture its config describes?")
     raise ConversionError(f"no conversion rule for the model's {name!r}")
+
+
+# The rules run backwards (Flax -> PyTorch), for exporting a model through PyTorch: each
+# layout transform's inverse, given the PyTorch shape it must restore.
+_INVERSES: dict[Transform, Callable[[np.ndarray, tuple[int, ...]], np.ndarray]] = {
+    identity: lambda x, shape: x,
+    linear: lambda x, shape: x.T,
+    conv: lambda x, shape: np.transpose(x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2))),
+    pointwise_as_dense: lambda x, shape: x.T.reshape(shape),
+}
+
+
+def to_state_dict(variables: Any, template: dict[str, Any], rules: tuple[Rule, ...],
+                  ignore: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+    """The inverse of `convert`: a PyTorch state dict with the keys and shapes of
+    `template` (a module's `state_dict()`), filled from the Flax `variables` by the same
+    `rules`. Every template key must be filled or match an `ignore` regex."""
+    out: dict[str, np.ndarray] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        key, transform = _source(name, rules, template)
+        if transform not in _INVERSES:
+            raise ConversionError(f"the rule for {name!r} has no inverse layout transform; "
+                                  "add one to mapping._INVERSES")
+        shape = tuple(template[key].shape)
+        value = np.ascontiguousarray(_INVERSES[transform](np.asarray(leaf), shape))
+        if value.shape != shape:
+            raise ConversionError(f"shape mismatch: the model's {name!r} {np.shape(leaf)} "
+                                  f"becomes {value.shape} for {key!r}, which is {shape}")
+        out[key] = value
+    unfilled = sorted(k for k in template if k not in out
+                      and not any(re.fullmatch(p, k) for p in ignore))
+    if unfilled:
+        raise ConversionError(f"PyTorch key {unfilled[0]!r} gets no value from the model "
+                              f"({len(unfilled)} in all: {unfilled[:5]}); the PyTorch module "
+                              "is not the architecture of these variables")
+    return out

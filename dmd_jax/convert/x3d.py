@@ -80,3 +80,26 @@ def model_config(state_dict: dict[str, np.ndarray],
         bottleneck_factor=inner / dims[0], se_ratio=0.0625, head_dim=int(head_dim),
         dropout_rate=0.5))
     return config, int(num_classes), (16, 224)
+
+
+def torch_model(module: x3d.Model, input_shape: tuple[int, ...]):
+    """pytorchvideo's X3D of `module`'s architecture for clips of `input_shape` (random
+    weights, eval mode, no softmax): what `mapping.to_state_dict` fills to run a dmd_jax
+    X3D through PyTorch (the deployed edge). Imports torch and pytorchvideo."""
+    from dmd_jax.references import pytorchvideo_create_x3d
+    frames, size = int(input_shape[0]), int(input_shape[1])
+    return pytorchvideo_create_x3d()(
+        input_clip_length=frames, input_crop_size=size, model_num_class=module.num_classes,
+        dropout_rate=0.0, width_factor=module.width_factor, depth_factor=module.depth_factor,
+        stem_dim_in=module.stem_dim_in, bottleneck_factor=module.bottleneck_factor,
+        se_ratio=module.se_ratio, head_dim_out=module.head_dim, head_activation=None).eval()
+
+
+def torch_outputs(net, x):
+    """`(logits, features)` of pytorchvideo's X3D on normalised NCDHW clips, `features`
+    being what `models.x3d.Model` returns: the pooled head after its projection and ReLU."""
+    for block in net.blocks[:-1]:
+        x = block(x)
+    head = net.blocks[-1]
+    features = head.pool(x).flatten(1)
+    return head.proj(features), features

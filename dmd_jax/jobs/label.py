@@ -51,6 +51,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     crfs = tuple(int(c) for c in cfg.upload_crfs)
     for crf in crfs:
         uploads.check_crf(crf, "config.label.upload_crfs")
+    model_store.require(config.edge.path, "edge")  # before preparing the data: fail fast
+    model_store.require(config.cloud.path, "cloud")
     builder = pipeline.prepare(config.data)
     names = tuple(builder.info.features["label"].names)
     edge = model_store.load(config.edge.path, "edge", config.runtime, class_names=names)

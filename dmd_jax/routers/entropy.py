@@ -9,3 +9,10 @@ def score(params, features, logits):
 
 
 router = routers.stateless("entropy", score)
+
+
+def torch_score(router: routers.Router):
+    """The exported form (`dmd_jax.deploy`): the same score in PyTorch."""
+    del router
+    from dmd_jax.deploy import torch_ops
+    return torch_ops.Statistic("entropy", -1.0)

@@ -9,3 +9,10 @@ def score(params, features, logits):
 
 
 router = routers.stateless("margin", score)
+
+
+def torch_score(router: routers.Router):
+    """The exported form (`dmd_jax.deploy`): the same score in PyTorch."""
+    del router
+    from dmd_jax.deploy import torch_ops
+    return torch_ops.Statistic("margin", 1.0)

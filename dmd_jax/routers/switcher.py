@@ -103,3 +103,10 @@ def _score_functions(module: Switcher):
     def score(params, features, logits):
         return probability(module, params, features, logits)
     return score
+
+
+def torch_score(router: Router):
+    """The exported form (`dmd_jax.deploy`): the same MLP in PyTorch, with the trained
+    parameters."""
+    from dmd_jax.deploy import torch_ops
+    return torch_ops.SwitcherScore(jax.device_get(router.params))
