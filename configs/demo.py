@@ -297,6 +297,9 @@ def link_config(runs: str) -> ml_collections.ConfigDict:
         # (the offloaded clips CEMA's filters keep also adapt the edge).
         methods=("dmd", "cema", "dmd_cema"),
         cloud_answers="adapted",  # dmd_cema's: the edge's adapted foundation, or 'model'
+        # An export_edge artifact (normalization 'batch'): the CEMA edges (cema, dmd_cema)
+        # then run it in ONNX Runtime instead of JAX; '' -> JAX.
+        deployed_edge="",
         bandwidths_mbit=(10.0, 100.0), rtts_ms=(50.0, 10.0)))
 
 

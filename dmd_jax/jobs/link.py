@@ -29,6 +29,9 @@ router sends are answered by the cloud and, those that pass CEMA's filters, `con
 join the server's adaptation buffer; the new normalisation parameters come back with the
 answers). Accuracy, offload rate, the fraction adapted on, bytes up and parameter
 downloads per method go into the summary. The server's `config.cema` is the cloud's side.
+With `link.deployed_edge` (an `export_edge` artifact of this edge and operating point,
+`export.normalization='batch'`), the CEMA edges run that artifact in ONNX Runtime instead
+of JAX, and the cloud's parameters are applied to it between batches.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import numpy as np
 
 from dmd_jax import files, hybrid, jobs, parallel, reporting
 from dmd_jax.data import pipeline, streams
+from dmd_jax.deploy import runtime
 from dmd_jax.errors import UserError, check_positive
 from dmd_jax.serve import client
 from dmd_jax.tta import cema
@@ -53,7 +57,8 @@ SECTIONS = ("data", "edge", "cloud", "link", "cema", "runtime")
 KEYS = {"edge": ("path", "switcher_dir", "operating_point"), "cloud": ("path",),
         "link": ("address", "server_file", "deadline_s", "adapt_deadline_s", "crf", "backoff_s",
                  "split", "corruption", "severity", "batch_size", "max_batches",
-                 "offload_rates", "methods", "cloud_answers", "bandwidths_mbit", "rtts_ms"),
+                 "offload_rates", "methods", "cloud_answers", "deployed_edge", "bandwidths_mbit",
+                 "rtts_ms"),
         "cema": cema.LINK_EDGE_SETTINGS}
 METHODS = ("dmd", "cema", "dmd_cema")
 COMPONENTS = ("edge_ms", "encode_ms", "transfer_ms", "queue_ms", "decode_ms", "forward_ms")
@@ -82,6 +87,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     if cfg.cloud_answers not in ("model", "adapted"):
         raise UserError(f"config.link.cloud_answers={cfg.cloud_answers!r}: expected 'model' "
                         "(the cloud as trained) or 'adapted' (the edge's CEMA foundation)")
+    if cfg.deployed_edge:
+        _check_deployed_edge(cfg.deployed_edge, system)
     rtt_ms = _round_trip_ms(remote)
     batches = _stream(config, cfg)
     operating_threshold = system.threshold
@@ -105,6 +112,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _plot(str(files.path(workdir) / "latency.png"), rows, model, cfg)
     remote.close()
     return summary
+
+
+def _check_deployed_edge(directory: str, system: hybrid.HybridClassifier) -> None:
+    """The artifact must be this edge and router at this operating point, normalising
+    with each batch's statistics as the CEMA edges do."""
+    manifest = runtime.read_manifest(directory)
+    made_from = manifest["stamp"].get("inputs", {})
+    expected = {"edge": system.edge.fingerprint, "router": system.router.spec,
+                "threshold": str(system.threshold)}
+    wrong = [k for k, v in expected.items() if made_from.get(k) != v]
+    if wrong or manifest["normalization"] != "batch":
+        what = f"another {', '.join(wrong)}" if wrong else (
+            f"{manifest['normalization']!r} normalisation, not 'batch'")
+        raise LinkError(f"config.link.deployed_edge={directory!r} was exported with {what} "
+                        "than this link's CEMA edges use: run export_edge on config.edge's "
+                        "model and operating point with export.normalization='batch'")
 
 
 def _address(cfg: ml_collections.ConfigDict) -> str:
@@ -229,10 +252,12 @@ def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, con
                                 backoff_s=tuple(cfg.backoff_s),
                                 adapt_deadline_s=cfg.adapt_deadline_s)
     mesh = parallel.make_mesh()
-    edge = None
+    edge = deployed = None
     if name != "dmd":
         settings = {**config.cema.to_dict(), "upload_crf": 0, "batch_renorm": False}
         edge = cema.Edge(Adaptable.of(system.edge), mesh, ml_collections.ConfigDict(settings))
+        if cfg.deployed_edge:  # a fresh copy: its parameters start from the source model's
+            deployed = runtime.DeployedEdge(cfg.deployed_edge)
     counts = {"correct": 0, "offloaded": 0, "adapted_on": 0, "fallback": 0, "downloads": 0}
     hybrid_cloud, system.cloud = system.cloud, remote
     try:
@@ -244,14 +269,15 @@ def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, con
             else:
                 predictions, routed = _adapting_edge_batch(
                     name, system, edge, remote, mesh, batch["video"], counts,
-                    adapted_answer=cfg.cloud_answers == "adapted")
+                    adapted_answer=cfg.cloud_answers == "adapted", deployed=deployed)
             counts["correct"] += int((predictions == batch["label"]).sum())
             counts["offloaded"] += int(routed.sum())
     finally:
         system.cloud = hybrid_cloud
         remote.close()
     total = sum(len(b["label"]) for b in batches)
-    row = {"accuracy": counts["correct"] / total, "offload_rate": counts["offloaded"] / total,
+    row = {"edge_runtime": "deployed (ONNX Runtime)" if deployed else "JAX",
+           "accuracy": counts["correct"] / total, "offload_rate": counts["offloaded"] / total,
            "adapted_on": counts["adapted_on"] / total, "fallback": counts["fallback"],
            "parameters_received": counts["downloads"],
            "bytes_up_per_clip": remote.stats.bytes_up / total,
@@ -264,16 +290,23 @@ def _adaptive_pass(name: str, system: hybrid.HybridClassifier, address: str, con
 
 
 def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteCloud, mesh,
-                         video: np.ndarray, counts: dict[str, int], adapted_answer: bool
+                         video: np.ndarray, counts: dict[str, int], adapted_answer: bool,
+                         deployed: runtime.DeployedEdge | None = None
                          ) -> tuple[np.ndarray, np.ndarray]:
     """One batch at a CEMA edge (`cema`, `dmd_cema`): predictions and the routed clips
     the cloud answered. A cloud that does not answer leaves the edge's predictions and
-    its parameters as they were (the uploads of `cema` wait in the client's queue)."""
-    logits, features = edge.predict_outputs(parallel.to_global(video, mesh))
+    its parameters as they were (the uploads of `cema` wait in the client's queue).
+    With `deployed`, the edge's forward and router run there (ONNX Runtime) and the
+    cloud's parameters are applied to it; `edge` then only filters the uploads."""
+    if deployed is not None:
+        answer = deployed.predict(video)
+        logits, offload = answer.logits, answer.offload
+    else:
+        logits, features = edge.predict_outputs(parallel.to_global(video, mesh))
+        offload = (system.router.scores(parallel.fetch(features), logits) < system.threshold
+                   if name == "dmd_cema" else None)
     predictions = logits.argmax(-1)
-    routed = np.zeros(len(video), bool)
-    if name == "dmd_cema":
-        routed = system.router.scores(parallel.fetch(features), logits) < system.threshold
+    routed = offload if name == "dmd_cema" else np.zeros(len(video), bool)
     keep, _ = edge.choose(logits, candidates=routed if name == "dmd_cema" else None)
     parameters = None
     try:
@@ -289,8 +322,12 @@ def _adapting_edge_batch(name, system, edge: cema.Edge, remote: client.RemoteClo
         counts["fallback"] += int(routed.sum())
         routed, keep = np.zeros_like(routed), np.zeros_like(keep)
     if parameters is not None:
-        edge.receive(cema.Download(client.norm_affine_from(parameters,
-                                                           edge.model.source_norm_affine)))
+        download = cema.Download(client.norm_affine_from(parameters,
+                                                         edge.model.source_norm_affine))
+        if deployed is not None:
+            deployed.apply(download.norm_affine)  # lands between batches
+        else:
+            edge.receive(download)
         counts["downloads"] += 1
     counts["adapted_on"] += int(keep.sum())
     return predictions, routed
