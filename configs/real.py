@@ -173,6 +173,8 @@ def pipeline_config(dataset: str, cloud: str, tiny: bool = False) -> ml_collecti
     config = demo.run_config("pipeline")
     config.data = data_config(dataset, tiny)
     config.runtime = demo.runtime_config()
+    if tiny:  # the stages' own (shrunk) runtimes give way to this shared one
+        demo.shrink(config, "pipeline")
     config.stage_order = tuple(s for s in STAGES if not (s == "teacher" and cloud == "xclip"))
     config.stages = ml_collections.ConfigDict()
     for stage in config.stage_order:

@@ -106,8 +106,13 @@ class DeployedEdge:
         self.class_names = tuple(self.manifest["class_names"])
         self.threshold = threshold(self.manifest)
         self._shapes = {k: tuple(v) for k, v in self.manifest["inputs"].items()}
-        with np.load(os.path.join(directory, PARAMETERS)) as stored:
-            self._parameters = self._checked(dict(stored), partial=False)
+        try:
+            with np.load(os.path.join(directory, PARAMETERS)) as stored:
+                self._parameters = self._checked(dict(stored), partial=False)
+        except (OSError, ValueError) as err:  # DownloadError is a ValueError
+            raise ArtifactError(f"{os.path.join(directory, PARAMETERS)} cannot be read as this "
+                                f"edge's starting parameters ({err}): run export_edge again"
+                                ) from err
         self._lock = threading.Lock()
         self.updates = 0  # downloads applied
 
@@ -144,11 +149,11 @@ class DeployedEdge:
                                     "normalization='running' for CEMA with batch_renorm")
             given.update({f"stats/{k}": v for k, v in _flatten(stats).items()})
         checked = self._checked(given, partial=True)
-        if not any(k.startswith("norm_affine/") for k in checked) or \
-                {k for k in self._shapes if k.startswith("norm_affine/")} - set(checked):
-            raise DownloadError("a download must carry every normalisation scale and bias "
-                                f"of the edge ({sum(k.startswith('norm_affine/') for k in self._shapes)}); "
-                                f"this one has {sum(k.startswith('norm_affine/') for k in checked)}")
+        affine = {k for k in self._shapes if k.startswith("norm_affine/")}
+        if affine - set(checked):
+            raise DownloadError(f"a download must carry every normalisation scale and bias of "
+                                f"the edge ({len(affine)}); this one has "
+                                f"{len(affine & set(checked))}")
         with self._lock:
             self._parameters = {**self._parameters, **checked}
             self.updates += 1

@@ -165,7 +165,7 @@ def test_label_job_with_a_zero_shot_cloud(tmp_path, data_dir, tiny_pipeline):
     _reference(8, 32, 8).save_pretrained(tmp_path)  # the tiny dataset's 8 x 32 x 32 clips
     _tiny_clip_tokenizer(tmp_path)
     convert.convert("xclip", str(tmp_path), str(tmp_path / "xclip"), class_names=CLASSES)
-    edge = model_store.load(f"{tiny_pipeline}/edge/model")
+    edge = model_store.load(f"{tiny_pipeline}/edge/model", runtime={"depthwise_impl": "xla"})
     model_store.save(str(tmp_path / "edge"), edge.model_config, edge.class_names, edge.variables,
                      (4, 24, 24, 3), "the tiny edge, at a smaller clip shape")
     config = tiny_config(data_dir, "label", **{

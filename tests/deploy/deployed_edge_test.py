@@ -239,6 +239,9 @@ def test_a_damaged_artifact_or_wrong_clips_are_refused(exported, tmp_path):
         f.write(b"\0\0\0\0")
     with pytest.raises(runtime.ArtifactError, match="run export_edge again"):
         runtime.DeployedEdge(str(copy), "int8")
+    (copy / runtime.PARAMETERS).write_bytes(b"not an npz")
+    with pytest.raises(runtime.ArtifactError, match="starting parameters"):
+        runtime.DeployedEdge(str(copy))
     os.remove(copy / runtime.MANIFEST)
     with pytest.raises(runtime.ArtifactError, match="export_edge job"):
         runtime.DeployedEdge(str(copy))

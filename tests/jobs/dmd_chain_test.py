@@ -69,7 +69,7 @@ def test_label_outputs(runs):
     # The stored logits are the exported edge's logits on these clips.
     clips = pipeline.Split(pipeline.make_builder(runs[2]("label").data), "unlabelled", 8,
                            32).rows(np.arange(4))["video"]
-    edge = model_store.load(f"{root}/edge/model")
+    edge = model_store.load(f"{root}/edge/model", runtime={"depthwise_impl": "xla"})
     logits, _ = jax.jit(edge.logits_and_features)(edge.variables, pipeline.normalize(clips))
     np.testing.assert_allclose(logits, unlabelled["edge_logits"][:4], rtol=1e-4, atol=1e-4)
 

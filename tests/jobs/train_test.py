@@ -49,7 +49,7 @@ def test_rerun_of_a_finished_job_changes_nothing(finished_run, data_dir):
 def _loss_trajectory(config, mesh, steps: int) -> list[float]:
     """The job's own pieces (state init, jitted step, host->global batches) on `mesh`."""
     split = pipeline.Split(pipeline.make_builder(config.data), "train", 8, 32)
-    model = models.build(config.model, split.num_classes)
+    model = models.build(config.model, split.num_classes, config.runtime)  # lax depthwise
     tx = train.make_optimizer(config.train)
     repl = parallel.replicated(mesh)
     state = jax.jit(functools.partial(train.init_state, model, tx, (8, 32, 32, 3), 0),
