@@ -122,6 +122,9 @@ def dmd_config(runs: str) -> ml_collections.ConfigDict:
             learning_rate=3e-3,
             weight_decay=1e-4,
             class_balance=False,
+            # The `relaxed` target's t (Hybrid LLM): 'balance' (their rule) or 'auc' (the
+            # best calibration deferral AUC of `relaxation_candidates` probe switchers).
+            relaxation="balance", relaxation_candidates=8,
             log_every=100,
             checkpoint_every=200,
         ),

@@ -9,7 +9,9 @@ and resume included, then scores the held-out split. Output per target:
 a rerun with others stops), `checkpoints/`, the final `switcher/` export (which the
 `switcher:<target>` router loads) and `predictions.npz`; top-level `summary.json` with
 `switcher_auroc` (of the first target: how well `P(aligned)` ranks the held-out clips by
-that target).
+that target). The `relaxed` target (Hybrid LLM's `1[p_C(edge class) >= max p_C - t]`) takes
+`t` from the eval split by `switcher.relaxation`: label balance or calibration AUC
+(`choose_relaxation`; the summary reports both).
 """
 
 from __future__ import annotations
@@ -35,9 +37,15 @@ from dmd_jax.routers.switcher import Switcher
 SECTIONS = ("switcher",)
 KEYS = {"switcher": ("label_dir", "targets", "train_split", "eval_split", "hidden",
                      "dropout_rate", "steps", "batch_size", "learning_rate", "weight_decay",
-                     "class_balance", "log_every", "checkpoint_every")}
+                     "class_balance", "relaxation", "relaxation_candidates", "log_every",
+                     "checkpoint_every")}
+# How the `relaxed` target's t is chosen (both are computed and reported): 'balance', Hybrid
+# LLM's reference rule (the calibration labels nearest half positive), or 'auc' (the
+# candidate t whose switcher has the best deferral AUC on the calibration split).
+RELAXATIONS = ("balance", "auc")
 # Switcher settings that change what is logged or kept, or where it comes from.
 _BOOKKEEPING = ("log_every", "checkpoint_every", "label_dir", "eval_split", "targets")
+_RELAXATION_KEYS = ("relaxation", "relaxation_candidates")  # only the `relaxed` target's
 
 
 @flax.struct.dataclass
@@ -69,21 +77,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary: dict[str, Any] = {"targets": {}, "train_split": cfg.train_split,
                                "eval_split": cfg.eval_split}
     if "relaxed" in cfg.targets:  # t from the calibration (eval) split, as Hybrid LLM
-        t = labels.balanced_relaxation(eval_data)
+        summary["relaxation"] = choose_relaxation(config, train_data, eval_data, mesh)
+        t = summary["relaxation"][cfg.relaxation]["t"]
         for data in (train_data, eval_data):
             data["relaxed"] = labels.relaxed_targets(data, t)
-        summary["relaxation"] = t
-        reporting.log(f"[switcher:relaxed] t = {t:.4f} balances the {cfg.eval_split} labels "
-                      f"({np.mean(eval_data['relaxed']):.1%} positive; hard agreement "
-                      f"{np.mean(eval_data['hard']):.1%})")
+        reporting.log(f"[switcher:relaxed] t = {t:.4f} (by {cfg.relaxation}; "
+                      f"{np.mean(eval_data['relaxed']):.1%} of the {cfg.eval_split} labels "
+                      f"positive, hard agreement {np.mean(eval_data['hard']):.1%})")
     stamped = {}
     for target in cfg.targets:  # every target checked before anything is written
         if target == "ground_truth" and np.any(train_data["ground_truth"] < 0):
             raise UserError(f"target 'ground_truth' needs labels, but split "
                             f"{cfg.train_split!r} has unlabelled clips; drop it from "
                             "config.switcher.targets")
+        ignored = _BOOKKEEPING + (() if target == "relaxed" else _RELAXATION_KEYS)
         stamped[target] = stamps.make(
-            {"switcher": {k: v for k, v in cfg.items() if k not in _BOOKKEEPING},
+            {"switcher": {k: v for k, v in cfg.items() if k not in ignored},
              "seed": config.seed, "target": target}, {"labels": label_identity})
         out_dir = os.path.join(workdir, target)
         ckpt_dir = files.path(out_dir) / "checkpoints"
@@ -103,6 +112,88 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     summary.update(switcher_auroc=first["auroc"], target=cfg.targets[0])
     files.write_json(files.path(workdir) / "summary.json", summary)
     return summary
+
+
+def choose_relaxation(config, train_data, eval_data, mesh) -> dict[str, Any]:
+    """Hybrid LLM's relaxation `t` chosen both ways on the eval (calibration) split, each
+    with the deferral AUC (cloud answers unfused) of a switcher trained at that `t`:
+    `balance`, the labels nearest half positive; `auc`, the best of `relaxation_candidates`
+    values (0 and quantiles of the gaps that make labels positive). Needs labelled eval clips."""
+    cfg = config.switcher
+    if cfg.relaxation not in RELAXATIONS:
+        raise UserError(f"config.switcher.relaxation={cfg.relaxation!r} must be one of "
+                        f"{RELAXATIONS}")
+    check_positive(cfg, ("relaxation_candidates",), "config.switcher")
+    if np.any(eval_data["label"] < 0):
+        raise UserError(f"choosing the relaxation needs the labels of split "
+                        f"{cfg.eval_split!r}, which has unlabelled clips")
+    balance = labels.balanced_relaxation(eval_data)
+    gaps = labels.relaxation_gap(eval_data)
+    positive = gaps[gaps > 0]
+    quantiles = np.quantile(positive, np.linspace(0, 1, cfg.relaxation_candidates + 1)[1:-1]) \
+        if len(positive) else np.zeros(0)
+    candidates = sorted({0.0, balance, *map(float, quantiles)})
+    edge_correct = eval_data["edge_logits"].argmax(-1) == eval_data["label"]
+    cloud_correct = eval_data["cloud_logits"].argmax(-1) == eval_data["label"]
+    aucs = {}
+    for t in candidates:
+        params = _fit(config, train_data, labels.relaxed_targets(train_data, t), mesh)
+        priority = -scores(build(cfg), params, eval_data)  # the least sure go first
+        aucs[t] = float(np.mean(routing.deferral_curve(priority, edge_correct, cloud_correct)))
+        reporting.log(f"[switcher:relaxed] t = {t:.4f}: {cfg.eval_split} deferral AUC "
+                      f"{aucs[t]:.4f}")
+    best = max(candidates, key=lambda t: (aucs[t], -t))  # ties: the least relaxed
+    return {"balance": {"t": balance, "calibration_auc": aucs[balance]},
+            "auc": {"t": best, "calibration_auc": aucs[best]},
+            "candidates": [{"t": t, "calibration_auc": aucs[t]} for t in candidates],
+            "used": cfg.relaxation}
+
+
+def _fit(config, data, targets: np.ndarray, mesh) -> Any:
+    """A switcher trained on `targets` with the job's settings, in memory (no checkpoints,
+    no logs): a probe for choosing the relaxation."""
+    model, tx = build(config.switcher), make_optimizer(config.switcher)
+    state, step_fn, _ = _prepared(config, model, tx, data, targets, mesh)
+    for _, state, _ in _steps(config, step_fn, state, data, targets, mesh, start=0):
+        pass
+    return state.params
+
+
+def _prepared(config, model: Switcher, tx, data, targets: np.ndarray, mesh):
+    """`(initial state, jitted step, positive rate)`: class weights from `targets`."""
+    cfg = config.switcher
+    features, logits = data["edge_features"], data["edge_logits"]
+    repl = parallel.replicated(mesh)
+
+    def init():
+        params = model.init(jax.random.key(config.seed), jnp.asarray(features[:1]),
+                            jnp.asarray(logits[:1]))["params"]
+        return SwitcherState(step=jnp.zeros((), jnp.int32), params=params,
+                             opt_state=tx.init(params))
+
+    positive = float(np.mean(targets))
+    pos_weight, neg_weight = 1.0, 1.0
+    if cfg.class_balance and 0.0 < positive < 1.0:
+        pos_weight, neg_weight = 0.5 / positive, 0.5 / (1.0 - positive)
+    step_fn = jax.jit(functools.partial(
+        train_step, model=model, tx=tx, pos_weight=pos_weight, neg_weight=neg_weight,
+        seed=config.seed), in_shardings=(repl, parallel.batch_sharded(mesh)),
+        out_shardings=(repl, repl), donate_argnums=0)
+    return jax.jit(init, out_shardings=repl)(), step_fn, positive
+
+
+def _steps(config, step_fn, state, data, targets: np.ndarray, mesh, start: int):
+    """Yields `(step, state, metrics)` for steps `start + 1 .. steps`: the same batches
+    for a run and its resumption."""
+    cfg = config.switcher
+    rows = parallel.host_slice(cfg.batch_size)
+    for step in range(start + 1, cfg.steps + 1):
+        idx = pipeline.train_indices(len(targets), cfg.batch_size, step - 1, config.seed, rows)
+        batch = parallel.to_global({"features": data["edge_features"][idx],
+                                    "edge_logits": data["edge_logits"][idx],
+                                    "target": targets[idx]}, mesh)
+        state, step_metrics = step_fn(state, batch)
+        yield step, state, step_metrics
 
 
 def _clear(out_dir: str) -> None:
@@ -153,16 +244,8 @@ def _train_one(config, target: str, train_data, eval_data, mesh, out_dir: str,
                stamp: dict[str, Any]) -> dict[str, Any]:
     cfg = config.switcher
     model, tx = build(cfg), make_optimizer(cfg)
-    features, logits = train_data["edge_features"], train_data["edge_logits"]
-    repl = parallel.replicated(mesh)
-
-    def init():
-        params = model.init(jax.random.key(config.seed), jnp.asarray(features[:1]),
-                            jnp.asarray(logits[:1]))["params"]
-        return SwitcherState(step=jnp.zeros((), jnp.int32), params=params,
-                             opt_state=tx.init(params))
-
-    state = jax.jit(init, out_shardings=repl)()
+    t = train_data[target].astype(np.float32)
+    state, step_fn, positive = _prepared(config, model, tx, train_data, t, mesh)
     ckpt = checkpoint.Checkpointer(os.path.join(out_dir, "checkpoints"), 2)
     restored = ckpt.restore_latest(state)
     start = 0
@@ -170,29 +253,14 @@ def _train_one(config, target: str, train_data, eval_data, mesh, out_dir: str,
         state, meta = restored
         start = int(meta["step"])
         reporting.log(f"[switcher:{target}] resumed from checkpoint step {start}")
-
-    t = train_data[target].astype(np.float32)
-    positive = float(np.mean(t))
-    pos_weight, neg_weight = 1.0, 1.0
-    if cfg.class_balance and 0.0 < positive < 1.0:
-        pos_weight, neg_weight = 0.5 / positive, 0.5 / (1.0 - positive)
-    step_fn = jax.jit(functools.partial(
-        train_step, model=model, tx=tx, pos_weight=pos_weight, neg_weight=neg_weight,
-        seed=config.seed), in_shardings=(repl, parallel.batch_sharded(mesh)),
-        out_shardings=(repl, repl), donate_argnums=0)
     reporting.log(f"[switcher:{target}] {len(t)} clips, {positive:.1%} positive "
                   f"({'class-balanced' if cfg.class_balance else 'unweighted'}); "
                   f"{cfg.steps} steps of {cfg.batch_size}")
 
-    rows = parallel.host_slice(cfg.batch_size)
     progress = reporting.Progress(cfg.steps, start, cfg.batch_size)
     writer = reporting.MetricWriter(out_dir)
     window = None
-    for step in range(start + 1, cfg.steps + 1):
-        idx = pipeline.train_indices(len(t), cfg.batch_size, step - 1, config.seed, rows)
-        batch = parallel.to_global({"features": features[idx], "edge_logits": logits[idx],
-                                    "target": t[idx]}, mesh)
-        state, step_metrics = step_fn(state, batch)
+    for step, state, step_metrics in _steps(config, step_fn, state, train_data, t, mesh, start):
         window = step_metrics if window is None else window.merge(step_metrics)
         if step % cfg.log_every == 0 or step == cfg.steps:
             values = {k: float(v) for k, v in window.compute().items()}

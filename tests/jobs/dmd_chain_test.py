@@ -10,6 +10,7 @@ import pytest
 from conftest import tiny_config
 from dmd_jax import hybrid, model_store, uploads
 from dmd_jax.data import labels, pipeline
+from dmd_jax.errors import UserError
 from dmd_jax.jobs import label
 from dmd_jax.routers import switcher
 
@@ -208,17 +209,35 @@ def test_relaxed_targets_balance_the_calibration_labels():
 
 
 def test_relaxed_switcher_trains_and_routes(runs, tmp_path):
+    """t chosen both ways and reported; with `relaxation='auc'` the relaxed switcher is
+    trained at the candidate whose probe switcher has the best calibration deferral AUC."""
     root, _, config = runs
+    from dmd_jax import routing
     from dmd_jax.jobs import switcher as switcher_job
-    summary = switcher_job.run(config("switcher", **{"switcher.targets": ("relaxed",)}),
-                               str(tmp_path))
+    summary = switcher_job.run(config("switcher", **{
+        "switcher.targets": ("relaxed",), "switcher.relaxation": "auc",
+        "switcher.relaxation_candidates": 3}), str(tmp_path))
     calibration = labels.read_split(f"{root}/label", "calibration")
     gaps = labels.relaxation_gap(calibration)
-    assert summary["relaxation"] == pytest.approx(labels.balanced_relaxation(calibration))
-    rate = np.mean(gaps <= summary["relaxation"])
+    chosen = summary["relaxation"]
+    balance = chosen["balance"]["t"]
+    assert balance == pytest.approx(labels.balanced_relaxation(calibration))
+    rate = np.mean(gaps <= balance)
     assert abs(rate - 0.5) <= min(abs(np.mean(gaps <= t) - 0.5) for t in gaps) + 1e-9
+    candidates = {c["t"]: c["calibration_auc"] for c in chosen["candidates"]}
+    assert 0.0 in candidates and balance in candidates and len(candidates) >= 3
+    assert chosen["used"] == "auc" and chosen["auc"]["calibration_auc"] == max(candidates.values())
     module, params, info = switcher.load(f"{tmp_path}/relaxed/switcher")
     assert info["target"] == "relaxed"
+    score = switcher_job.scores(module, params, calibration)
+    edge_correct = calibration["edge_logits"].argmax(-1) == calibration["label"]
+    cloud_correct = calibration["cloud_logits"].argmax(-1) == calibration["label"]
+    auc = np.mean(routing.deferral_curve(-score, edge_correct, cloud_correct))
+    assert auc == pytest.approx(chosen["auc"]["calibration_auc"], abs=1e-6)  # trained at that t
+    with pytest.raises(UserError, match="relaxation"):
+        switcher_job.run(config("switcher", **{"switcher.targets": ("relaxed",),
+                                               "switcher.relaxation": "median"}),
+                         str(tmp_path / "bad"))
 
 
 def test_routers_under_shift(runs, tmp_path):
