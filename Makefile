@@ -16,7 +16,7 @@ demo: $(INSTALLED)
 	$(CPU_MALLOC) $(BIN)/python -m dmd_jax.main --config configs/demo.py:pipeline --workdir runs/demo
 
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 benchmark: $(INSTALLED)
 	$(BIN)/python -m benchmarks.suite

@@ -1,6 +1,7 @@
 """The deployed edge: the edge + router exported through PyTorch into ONNX compute what
 JAX computes, run without JAX, and take CEMA's downloads atomically between batches."""
 
+import functools
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from dmd_jax import model_store, models, routers
 from dmd_jax.convert import mapping, x3d as x3d_rules
 from dmd_jax.deploy import export, runtime
 from dmd_jax.routers import switcher
-from dmd_jax.tta.adaptable import Adaptable, split_norm_affine
+from dmd_jax.tta.adaptable import Adaptable, merge, split_norm_affine
 from dmd_jax.tta.cema import Download
 
 torch = pytest.importorskip("torch")
@@ -28,12 +29,13 @@ ARCH = dict(name="x3d", width_factor=0.25, depth_factor=0.5, head_dim=32, dropou
 CLASSES = tuple(f"class{i}" for i in range(6))
 
 
+@functools.lru_cache(maxsize=None)  # one per module: the tests never change it
 def _random_edge(seed: int = 0) -> model_store.LoadedModel:
     """A tiny X3D with every normalisation parameter and statistic randomised (at their
     initial values BatchNorm is the identity and the head tiny, which would hide errors)."""
     config = ml_collections.ConfigDict(ARCH)
     module = models.build(config, len(CLASSES), {"depthwise_impl": "xla"})
-    variables = jax.device_get(module.init(jax.random.key(seed), jnp.zeros((1, *CLIP))))
+    variables = jax.device_get(jax.jit(module.init)(jax.random.key(seed), jnp.zeros((1, *CLIP))))
     rng = np.random.default_rng(seed)
 
     def randomise(path, x):
@@ -50,10 +52,11 @@ def _random_edge(seed: int = 0) -> model_store.LoadedModel:
     return model_store.LoadedModel(module, variables, config, CLASSES, CLIP, "random")
 
 
-def _switcher_router(edge: model_store.LoadedModel) -> routers.Router:
+@functools.lru_cache(maxsize=None)
+def _switcher_router() -> routers.Router:
     module = switcher.Switcher(hidden=(16, 8))
-    params = module.init(jax.random.key(1), jnp.zeros((1, ARCH["head_dim"])),
-                         jnp.zeros((1, len(CLASSES))))["params"]
+    params = jax.jit(module.init)(jax.random.key(1), jnp.zeros((1, ARCH["head_dim"])),
+                                  jnp.zeros((1, len(CLASSES))))["params"]
     params = jax.tree.map(lambda x: x + 0.3 * np.random.default_rng(2).normal(size=x.shape)
                           .astype(np.float32), params)
     return routers.Router("switcher:hard", switcher._score_functions(module), params,
@@ -64,25 +67,40 @@ def _clips(count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, *CLIP), dtype=np.uint8)
 
 
-def _jax_outputs(edge, router, normalization, clips, norm_affine=None, stats=None):
+@functools.lru_cache(maxsize=None)
+def _jax_forward(normalization: str):
+    """The random edge + switcher in JAX, jitted once per normalisation: `(norm_affine,
+    batch_stats, clips) -> (logits, scores)`."""
+    edge, router = _random_edge(), _switcher_router()
     adaptable = Adaptable.of(edge)
-    norm_affine = adaptable.source_norm_affine if norm_affine is None else norm_affine
-    if normalization == "batch":
-        logits, features = adaptable.outputs(norm_affine, adaptable.constants(), clips)
-    else:
-        _, frozen = split_norm_affine(edge.variables["params"])
-        from dmd_jax.tta.adaptable import merge
-        variables = {"params": merge(norm_affine, frozen),
-                     "batch_stats": edge.variables["batch_stats"] if stats is None else stats}
-        logits, features = edge.apply(variables, clips)
-    return np.asarray(logits), np.asarray(router.score(router.params, features, logits))
+    _, frozen = split_norm_affine(edge.variables["params"])
+
+    @jax.jit
+    def forward(norm_affine, stats, constants, router_params, clips):
+        if normalization == "batch":
+            logits, features = adaptable.outputs(norm_affine, constants, clips)
+        else:
+            logits, features = edge.apply({"params": merge(norm_affine, frozen),
+                                           "batch_stats": stats}, clips)
+        return logits, router.score(router_params, features, logits)
+
+    return lambda affine, stats, clips: forward(affine, stats, adaptable.constants(),
+                                                router.params, clips)
+
+
+def _jax_outputs(edge, router, normalization, clips, norm_affine=None, stats=None):
+    assert edge is _random_edge() and router is _switcher_router()
+    affine = Adaptable.of(edge).source_norm_affine if norm_affine is None else norm_affine
+    stats = edge.variables["batch_stats"] if stats is None else stats
+    logits, scores = _jax_forward(normalization)(affine, stats, clips)
+    return np.asarray(logits), np.asarray(scores)
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     """Both normalisations of one random edge with a switcher, exported with int8."""
     edge = _random_edge()
-    router = _switcher_router(edge)
+    router = _switcher_router()
     out = {}
     for normalization in runtime.NORMALIZATIONS:
         directory = str(tmp_path_factory.mktemp(f"edge_{normalization}"))
@@ -109,7 +127,7 @@ def test_the_rules_run_backwards_to_the_pytorch_weights():
 @pytest.mark.parametrize("spec", ["max_prob", "entropy", "margin", "switcher"])
 def test_each_router_has_the_same_score_in_pytorch(spec):
     from dmd_jax.deploy import torch_edge
-    router = (_switcher_router(_random_edge()) if spec == "switcher"
+    router = (_switcher_router() if spec == "switcher"
               else routers.load(spec, routers.Context()))
     rng = np.random.default_rng(0)
     features = rng.normal(size=(32, ARCH["head_dim"])).astype(np.float32)
