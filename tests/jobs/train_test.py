@@ -67,9 +67,9 @@ def _loss_trajectory(config, mesh, steps: int) -> list[float]:
 
 
 def test_same_loss_trajectory_on_1_and_8_devices(data_dir, devices):
-    config = tiny_config(data_dir, **{"train.steps": 20, "train.learning_rate": 1e-3})
-    one = _loss_trajectory(config, parallel.make_mesh(1), 20)
-    eight = _loss_trajectory(config, parallel.make_mesh(8), 20)
+    config = tiny_config(data_dir, **{"train.steps": 12, "train.learning_rate": 1e-3})
+    one = _loss_trajectory(config, parallel.make_mesh(1), 12)
+    eight = _loss_trajectory(config, parallel.make_mesh(8), 12)
     assert len(set(one)) > 10  # the loss moves: the comparison is not vacuous
     # The meshes sum in different orders (~1e-7 apart from step 3 on) and training on
     # 8-clip batches amplifies that (BatchNorm over channels nearly constant across the
