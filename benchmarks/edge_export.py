@@ -15,6 +15,7 @@ operating point when `make demo` has run, else random weights and `max_prob`.
 
 from __future__ import annotations
 
+import itertools
 import os
 import tempfile
 import time
@@ -121,11 +122,11 @@ def run(quick: bool) -> common.Section:
             group.append([f"PyTorch eager ({normalization})", threads,
                           rate(eager, batches, seconds), _accuracy(logits, labels),
                           _diff(logits, reference)])
-        for variant in runtime.VARIANTS:
+        for engine, variant in itertools.product(sorted(runtime.ENGINES), runtime.VARIANTS):
             for threads in (1, 2):
-                deployed = runtime.DeployedEdge(directory, variant, threads)
+                deployed = runtime.DeployedEdge(directory, variant, threads, engine)
                 logits = np.concatenate([deployed.predict(b).logits for b in batches])
-                group.append([f"deployed edge {variant} ({normalization})", threads,
+                group.append([f"deployed edge, {engine} {variant} ({normalization})", threads,
                               rate(deployed.predict, batches, seconds),
                               _accuracy(logits, labels), _diff(logits, reference)])
         forward = export_edge.jax_forward(model, router, normalization)

@@ -11,8 +11,9 @@ The artifact (a directory the `export_edge` job writes) holds
   operating point's threshold, the input names and shapes, the files' digests and the
   stamp of the models it came from.
 
-`runtime.DeployedEdge` runs it with ONNX Runtime (numpy only) and swaps in downloaded
-normalisation parameters atomically between batches. The graph is built through PyTorch
+`runtime.DeployedEdge` runs it (numpy and the engine only: ONNX Runtime, or OpenVINO,
+which reads the same ONNX file) and swaps in downloaded normalisation parameters
+atomically between batches. The graph is built through PyTorch
 (`torch_edge`): the converter's rules run backwards put the weights into the PyTorch
 reference architecture, whose NCDHW convolutions ONNX Runtime runs fast (see
 BENCHMARKS.md "Edge export" for the measurement that chose this route over jax2onnx).

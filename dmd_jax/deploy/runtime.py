@@ -1,6 +1,6 @@
 """The deployed edge on the device: ONNX Runtime and numpy only (no JAX, no PyTorch).
 
-    edge = DeployedEdge("runs/demo/export_edge")       # or variant="int8"
+    edge = DeployedEdge("runs/demo/export_edge")       # or variant="int8", engine="openvino"
     answer = edge.predict(clips)                       # uint8 (B, T, H, W, 3)
     answer.offload                                     # the router's decision per clip
     edge.apply(download.norm_affine, download.stats)   # CEMA's new parameters
@@ -83,11 +83,50 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-class DeployedEdge:
-    """One exported edge + router in an ONNX Runtime session."""
+class OnnxRuntime:
+    """The graph in an ONNX Runtime CPU session (the reference engine: the export job
+    checks its outputs against JAX)."""
 
-    def __init__(self, directory: str, variant: str = "fp32", threads: int = 0):
+    def __init__(self, path: str, threads: int):
         import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        return self.session.run(list(OUTPUTS), dict(feeds))
+
+
+class OpenVino:
+    """The same ONNX graph compiled by OpenVINO for the CPU (`pip install openvino`), in
+    float32: its CPU plugin may otherwise infer in bf16. Faster than ONNX Runtime on this
+    network (its 3D convolutions; BENCHMARKS.md "Edge export")."""
+
+    def __init__(self, path: str, threads: int):
+        import openvino as ov
+        config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self._compiled = ov.Core().compile_model(path, "CPU", config)
+        self._request = self._compiled.create_infer_request()
+        self._lock = threading.Lock()  # one request: one batch at a time
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        with self._lock:
+            out = self._request.infer(dict(feeds))
+            # Copies: the request reuses its output buffers for the next batch.
+            return [np.array(out[self._compiled.output(name)]) for name in OUTPUTS]
+
+
+ENGINES = {"onnxruntime": OnnxRuntime, "openvino": OpenVino}
+
+
+class DeployedEdge:
+    """One exported edge + router, run by `engine` (`ENGINES`) on `threads` CPU threads
+    (0: the engine's default)."""
+
+    def __init__(self, directory: str, variant: str = "fp32", threads: int = 0,
+                 engine: str = "onnxruntime"):
         if variant not in VARIANTS:
             raise ArtifactError(f"variant {variant!r} is not one of {VARIANTS}")
         self.manifest = read_manifest(directory)
@@ -99,9 +138,9 @@ class DeployedEdge:
         if not os.path.exists(path) or sha256(path) != entry["sha256"]:
             raise ArtifactError(f"{path} is missing or not the file {MANIFEST} describes "
                                 "(damaged or from another export): run export_edge again")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        if engine not in ENGINES:
+            raise ArtifactError(f"engine {engine!r} is not one of {sorted(ENGINES)}")
+        self.engine = ENGINES[engine](path, threads)
         self.input_shape = tuple(self.manifest["input_shape"])
         self.class_names = tuple(self.manifest["class_names"])
         self.threshold = threshold(self.manifest)
@@ -133,8 +172,7 @@ class DeployedEdge:
                             f"{clips.shape}: resample them first")
         with self._lock:
             parameters = self._parameters  # one download's parameters for the whole batch
-        logits, features, scores = self.session.run(list(OUTPUTS),
-                                                    {"clips": clips, **parameters})
+        logits, features, scores = self.engine.run({"clips": clips, **parameters})
         return Answer(logits, features, scores, scores < self.threshold)
 
     def apply(self, norm_affine: Mapping[str, Any], stats: Any = None) -> None:

@@ -140,18 +140,20 @@ def test_each_router_has_the_same_score_in_pytorch(spec):
     np.testing.assert_allclose(got, expected, atol=2e-6)
 
 
+@pytest.mark.parametrize("engine", sorted(runtime.ENGINES))
 @pytest.mark.parametrize("normalization", runtime.NORMALIZATIONS)
-def test_the_deployed_edge_computes_what_jax_computes(exported, normalization):
+def test_the_deployed_edge_computes_what_jax_computes(exported, normalization, engine):
+    pytest.importorskip(engine)
     edge, router, directories = exported
     clips = _clips(8, seed=1)
     logits, scores = _jax_outputs(edge, router, normalization, clips)
-    deployed = runtime.DeployedEdge(directories[normalization])
+    deployed = runtime.DeployedEdge(directories[normalization], engine=engine)
     answer = deployed.predict(clips)
     assert np.std(logits) > 0.1  # logits that differ enough for the check to mean something
     np.testing.assert_allclose(answer.logits, logits, atol=1e-4)
     np.testing.assert_allclose(answer.scores, scores, atol=1e-5)
     np.testing.assert_array_equal(answer.offload, scores < 0.5)
-    int8 = runtime.DeployedEdge(directories[normalization], "int8").predict(clips)
+    int8 = runtime.DeployedEdge(directories[normalization], "int8", engine=engine).predict(clips)
     assert np.abs(int8.logits - logits).max() < 0.5 * np.abs(logits).max()  # close, not equal
     assert not np.array_equal(int8.logits, answer.logits)
 
@@ -249,6 +251,8 @@ def test_a_damaged_artifact_or_wrong_clips_are_refused(exported, tmp_path):
     shutil.copytree(directories["batch"], copy)
     with pytest.raises(runtime.ArtifactError, match="variant"):
         runtime.DeployedEdge(str(copy), "fp16")
+    with pytest.raises(runtime.ArtifactError, match="engine"):
+        runtime.DeployedEdge(str(copy), engine="tensorrt")
     deployed = runtime.DeployedEdge(str(copy))
     with pytest.raises(runtime.UserError, match="uint8 clips of shape"):
         deployed.predict(_clips(2).astype(np.float32))
