@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test benchmark clean
+.PHONY: demo tiers test benchmark clean
 
 # On CPU, XLA allocates each step's scratch buffers afresh (hundreds of MB for the demo
 # teacher) and glibc maps them with 4 KiB pages, so every step page-faults them in again;
@@ -14,6 +14,15 @@ CPU_MALLOC := GLIBC_TUNABLES=glibc.malloc.hugetlb=1
 
 demo: $(INSTALLED)
 	$(CPU_MALLOC) $(BIN)/python -m dmd_jax.main --config configs/demo.py:pipeline --workdir runs/demo
+
+# After `make demo`: a middle tier, a weaker edge, their labels, switchers and hybrids, and
+# the edge -> middle -> cloud cascade (configs/tiers.py), into runs/demo/tiers.
+TIER_STAGES := cloud middle weak label:edge switcher:edge hybrid:edge label:middle \
+	switcher:middle hybrid:middle label:weak switcher:weak hybrid:weak cascade
+tiers: $(INSTALLED)
+	for stage in $(TIER_STAGES); do \
+	  $(CPU_MALLOC) $(BIN)/python -m dmd_jax.main --config configs/tiers.py:$$stage \
+	    --workdir runs/demo/tiers/$$(echo $$stage | tr : _) || exit 1; done
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests

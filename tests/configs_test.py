@@ -120,3 +120,28 @@ def test_robustness_presets_run_the_benchmarks_lists(benchmark):
     assert len(config.adapt.corruptions) == (12 if benchmark == "ucf101_c" else 13)
     assert tuple(config.adapt.severities) == ((5,) if benchmark == "ucf101_c" else (1, 2, 3, 4, 5))
     assert (config.data.views.temporal, config.data.views.spatial) == (1, 1)  # adapt: one view
+
+
+TIERS = f"{REPO}/configs/tiers.py"
+
+
+def test_tiers_variants_hold_exactly_their_jobs_sections():
+    """configs/tiers.py: every stage a complete config of its job; each EDGE's stages read
+    one label dir and one cloud, and the cascade's hops read what those stages write."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("_tiers", TIERS)
+    tiers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiers)
+    for stage in tiers.STAGES:
+        config = load_config(f"{TIERS}:{stage}")
+        job = jobs.module(config.job)
+        config_utils.check_sections(config, config.job, job.SECTIONS, keys=job.KEYS)
+        if "cloud" in config:
+            assert config.cloud.path == tiers.CLOUD
+    cascade = load_config(f"{TIERS}:cascade").cascade
+    assert cascade.label_dirs == tuple(load_config(f"{TIERS}:switcher:{e}").switcher.label_dir
+                                       for e in ("edge", "middle"))
+    assert cascade.models[-1] == tiers.CLOUD
+    assert load_config(f"{TIERS}:cloud").train.steps == 900
+    with pytest.raises(ValueError, match="unknown stage"):
+        load_config(f"{TIERS}:label:nope")

@@ -14,7 +14,7 @@ from typing import Any, Callable
 # config.job -> the module implementing it.
 JOBS = {"train": "train", "label": "label", "train_switcher": "switcher",
         "evaluate_hybrid": "hybrid", "adapt": "adapt", "pipeline": "pipeline", "serve": "serve",
-        "link": "link", "export_edge": "export_edge"}
+        "link": "link", "export_edge": "export_edge", "evaluate_cascade": "cascade"}
 
 
 def module(job: str) -> types.ModuleType:
