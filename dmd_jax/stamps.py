@@ -37,9 +37,18 @@ class StaleArtifactError(UserError, ValueError):
     """Results on disk were made with other settings or inputs than this run's."""
 
 
-def make(settings: Mapping[str, Any], inputs: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """A stamp: `settings` (config values) and `inputs` (fingerprints), as plain JSON."""
-    return canonical({"settings": settings, "inputs": dict(inputs or {})})
+def make(settings: Mapping[str, Any], inputs: Mapping[str, Any] | None = None,
+         version: int = 1) -> dict[str, Any]:
+    """A stamp: `settings` (config values) and `inputs` (fingerprints), as plain JSON.
+
+    `version` is the job's computation version (its `STAMP_VERSION`): a job whose results
+    would change for the same settings and inputs (a fixed bug, a new graph) bumps it, so
+    results made by the older code are refused instead of reused. Version 1 is written as
+    no field at all, so stamps made before versions existed are version 1."""
+    stamp = {"settings": settings, "inputs": dict(inputs or {})}
+    if version != 1:
+        stamp["version"] = int(version)
+    return canonical(stamp)
 
 
 def canonical(value: Any) -> Any:

@@ -38,6 +38,12 @@ def test_check_reuses_recomputes_or_refuses():
         stamps.check(None, stamp, "x", "here", overwrite=False, has_results=True)
 
 
+def test_a_new_computation_version_is_a_difference_and_version_1_writes_none():
+    assert "version" not in stamps.make({"a": 1}, version=1)  # stamps from before versions
+    assert stamps.differences(stamps.make({"a": 1}), stamps.make({"a": 1}, version=2)) == [
+        "version: (absent) -> 2"]
+
+
 @pytest.fixture()
 def copied(tiny_pipeline, tmp_path):
     """A writable copy of the tiny pipeline's outputs."""
@@ -99,6 +105,15 @@ def test_switcher_of_another_seed_is_refused_then_retrained(copied, data_dir):
     switcher.run(config, str(copied / "switcher"))
     after = np.load(copied / "switcher" / "hard" / "predictions.npz")["score"]
     assert not np.allclose(before, after)  # another initialisation and batch order
+
+
+def test_results_of_an_older_computation_version_are_refused(copied, data_dir, monkeypatch):
+    """A job whose numerics changed bumps its STAMP_VERSION: the results its older code
+    made stop being reused (the stamp names the version)."""
+    config = tiny_config(data_dir, "switcher", **{"switcher.label_dir": str(copied / "label")})
+    monkeypatch.setattr(switcher, "STAMP_VERSION", 2)
+    with pytest.raises(stamps.StaleArtifactError, match=r"version: \(absent\) -> 2"):
+        switcher.run(config, str(copied / "switcher"))
 
 
 def test_switcher_refuses_relabelled_data(copied, data_dir):

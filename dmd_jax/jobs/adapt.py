@@ -40,6 +40,9 @@ from dmd_jax.errors import ConfigValueError, UserError, check_positive
 from dmd_jax.tta.adaptable import Adaptable
 from dmd_jax.tta.base import BatchResult, Context, Method
 
+# This job's computation version (`stamps.make`): bump it when its results would change
+# for the same settings and inputs, so that results made by older code are not reused.
+STAMP_VERSION = 1
 SECTIONS = ("data", "edge", "cloud", "adapt", "runtime")
 KEYS = {"edge": ("path",), "cloud": ("path",)}  # config.adapt: `tta.check`
 # The stream settings that determine a stream's outcome (with the method's own settings
@@ -289,7 +292,7 @@ def stream_stamp(cfg: ml_collections.ConfigDict, name: str, seed: int, stream: s
          "stream": {**{k: cfg[k] for k in _STREAM_KEYS}, "seed": seed,
                     "corruptions": corruptions},
          "data": identity["data"], "runtime": identity["runtime"]},
-        {"edge": identity["edge"], "cloud": identity["cloud"]})
+        {"edge": identity["edge"], "cloud": identity["cloud"]}, STAMP_VERSION)
 
 
 def _saved_stream(path, stamp: dict[str, Any], what: str,
@@ -333,7 +336,7 @@ def _clean_accuracy(edge: Adaptable, split: pipeline.Split, cfg: ml_collections.
     path = files.path(workdir) / f"clean_source_seed{seed}.npz"
     stamp = stamps.make({"split": cfg.split, "batch_size": cfg.batch_size, "seed": seed,
                          "data": identity["data"], "runtime": identity["runtime"]},
-                        {"edge": identity["edge"]})
+                        {"edge": identity["edge"]}, STAMP_VERSION)
     # Every host must take the same branch (the forward passes are collective), and only
     # the main host writes: decide on its view of the disk, use the in-memory result.
     saved = _saved_stream(path, stamp, "clean accuracy", overwrite)

@@ -33,6 +33,9 @@ from dmd_jax.deploy import export, runtime
 from dmd_jax.errors import ConfigValueError, UserError, check_positive
 from dmd_jax.tta.adaptable import Adaptable
 
+# This job's computation version (`stamps.make`): bump it when its results would change
+# for the same settings and inputs, so that results made by older code are not reused.
+STAMP_VERSION = 1
 SECTIONS = ("data", "edge", "export", "runtime")
 KEYS = {"edge": ("path", "switcher_dir", "operating_point"),
         "export": ("normalization", "int8", "calibration_split", "calibration_clips",
@@ -54,7 +57,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     stamp = stamps.make(cfg.to_dict(), {"edge": edge.fingerprint, "router": router.spec,
                                         "router_fingerprint": router.fingerprint,
                                         "threshold": str(threshold),
-                                        "data": pipeline.dataset_identity(builder, config.data)})
+                                        "data": pipeline.dataset_identity(builder, config.data)},
+                        STAMP_VERSION)
     calibration = (_clips(builder, config, cfg.calibration_split, cfg.calibration_clips)["video"]
                    if cfg.int8 else None)
     check = _clips(builder, config, cfg.check_split, cfg.check_clips)

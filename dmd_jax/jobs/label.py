@@ -33,6 +33,9 @@ from dmd_jax.data import corruptions, host_corruptions, labels, loader, pipeline
 from dmd_jax.errors import UserError, check_positive
 
 SHIFT_SEED = 0  # the corruptions' noise in shifted splits (the adapt job's first seed)
+# This job's computation version (`stamps.make`): bump it when its results would change
+# for the same settings and inputs, so that results made by older code are not reused.
+STAMP_VERSION = 1
 SECTIONS = ("data", "edge", "cloud", "label", "runtime")
 KEYS = {"label": ("splits", "switcher_split", "batch_size", "chunk_size", "upload_crfs"),
         "edge": ("path",), "cloud": ("path",)}
@@ -61,7 +64,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         {"data": pipeline.dataset_identity(builder, config.data),
          "chunk_size": cfg.chunk_size, "runtime": config.runtime,
          **({"upload_crfs": list(crfs)} if crfs else {})},
-        {"edge": edge.fingerprint, "cloud": cloud.fingerprint})
+        {"edge": edge.fingerprint, "cloud": cloud.fingerprint}, STAMP_VERSION)
     stamps.claim(workdir, stamp, "labels", config.get("overwrite", False),
                  has_results=any(labels.chunk_paths(workdir, s) for s in cfg.splits),
                  clear=lambda: [files.remove_tree(files.path(workdir) / s) for s in cfg.splits])

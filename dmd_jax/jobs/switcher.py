@@ -34,6 +34,9 @@ from dmd_jax.errors import NonFiniteLossError, UserError, check_positive
 from dmd_jax.routers import switcher as switcher_lib
 from dmd_jax.routers.switcher import Switcher
 
+# This job's computation version (`stamps.make`): bump it when its results would change
+# for the same settings and inputs, so that results made by older code are not reused.
+STAMP_VERSION = 1
 SECTIONS = ("switcher",)
 KEYS = {"switcher": ("label_dir", "targets", "train_split", "eval_split", "hidden",
                      "dropout_rate", "steps", "batch_size", "learning_rate", "weight_decay",
@@ -93,7 +96,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         ignored = _BOOKKEEPING + (() if target == "relaxed" else _RELAXATION_KEYS)
         stamped[target] = stamps.make(
             {"switcher": {k: v for k, v in cfg.items() if k not in ignored},
-             "seed": config.seed, "target": target}, {"labels": label_identity})
+             "seed": config.seed, "target": target}, {"labels": label_identity},
+            STAMP_VERSION)
         out_dir = os.path.join(workdir, target)
         ckpt_dir = files.path(out_dir) / "checkpoints"
         stamps.check(stamps.read(files.path(out_dir) / stamps.STAMP_FILE), stamped[target],

@@ -36,6 +36,9 @@ from dmd_jax import checkpoint, files, jobs, model_store, models, parallel, repo
 from dmd_jax.data import loader, pipeline, views
 from dmd_jax.errors import ConfigValueError, NonFiniteLossError, UserError, check_positive
 
+# This job's computation version (`stamps.make`): bump it when its results would change
+# for the same settings and inputs, so that results made by older code are not reused.
+STAMP_VERSION = 1
 SECTIONS = ("data", "model", "train", "runtime")
 KEYS = {"train": ("split", "batch_size", "steps", "optimizer", "learning_rate", "warmup_steps",
                   "schedule", "decay_fraction", "weight_decay", "momentum", "label_smoothing",
@@ -210,7 +213,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
          "train": {k: v for k, v in cfg.items() if k not in _BOOKKEEPING},
          "runtime": config.runtime, "seed": config.seed,
          "data": pipeline.dataset_identity(builder, config.data)},
-        {"init_from": pretrained.fingerprint} if pretrained else {})
+        {"init_from": pretrained.fingerprint} if pretrained else {}, STAMP_VERSION)
     ckpt_dir = files.path(workdir) / "checkpoints"
     stamps.claim(workdir, stamp, "training results", config.get("overwrite", False),
                  has_results=ckpt_dir.exists() and any(ckpt_dir.iterdir()),
