@@ -17,8 +17,9 @@ demo: $(INSTALLED)
 
 # After `make demo`: a middle tier, a weaker edge, their labels, switchers and hybrids, and
 # the edge -> middle -> cloud cascade (configs/tiers.py), into runs/demo/tiers.
-TIER_STAGES := cloud middle weak label:edge switcher:edge hybrid:edge label:middle \
-	switcher:middle hybrid:middle label:weak switcher:weak hybrid:weak cascade
+TIER_STAGES := cloud middle strong weak label:edge switcher:edge hybrid:edge label:middle \
+	switcher:middle hybrid:middle label:strong switcher:strong hybrid:strong label:weak \
+	switcher:weak hybrid:weak cascade:middle cascade:strong
 tiers: $(INSTALLED)
 	for stage in $(TIER_STAGES); do \
 	  $(CPU_MALLOC) $(BIN)/python -m dmd_jax.main --config configs/tiers.py:$$stage \

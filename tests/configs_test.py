@@ -138,7 +138,7 @@ def test_tiers_variants_hold_exactly_their_jobs_sections():
         config_utils.check_sections(config, config.job, job.SECTIONS, keys=job.KEYS)
         if "cloud" in config:
             assert config.cloud.path == tiers.CLOUD
-    cascade = load_config(f"{TIERS}:cascade").cascade
+    cascade = load_config(f"{TIERS}:cascade:middle").cascade
     assert cascade.label_dirs == tuple(load_config(f"{TIERS}:switcher:{e}").switcher.label_dir
                                        for e in ("edge", "middle"))
     assert cascade.models[-1] == tiers.CLOUD

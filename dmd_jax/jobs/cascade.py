@@ -226,7 +226,9 @@ def _evaluate_chain(chain: tuple[int, ...], splits: dict[str, Any],
         "tiers": list(chain),
         "test_hull": cascade.non_decreasing_hull(grid["test"].gflops,
                                                  grid["test"].accuracy).tolist(),
-        "operating_point": _point(grid, point, costs["model"][last]),
+        "operating_point": {**_point(grid, point, costs["model"][last]),  # else the cheapest
+                            "within_budget": bool(grid["calibration"].gflops[point]
+                                                  <= budget + 1e-12)},
         "reaching_last_tier": {
             "calibrated": _maybe_point(grid, cascade.cheapest_reaching(
                 grid["calibration"], cloud_accuracy["calibration"]), costs["model"][last]),
@@ -317,9 +319,10 @@ def markdown(summary: dict[str, Any]) -> str:
         for chain, r in chains_of.items():
             test = r["operating_point"]["test"]
             reach = " / ".join(f"{x:.0%}" for x in test["reach"])
+            over = "" if r["operating_point"]["within_budget"] else " (none within budget: the cheapest)"
             cells = [_reaching(r["reaching_last_tier"][k]) for k in ("calibrated", "on_test")]
             lines.append(f"| {system} | {chain} | {r['aiq']:.4f} | {test['accuracy']:.4f} | "
-                         f"{test['gflops_per_clip']:.4f} ({test['fraction_of_last_tier']:.1%}) | "
+                         f"{test['gflops_per_clip']:.4f} ({test['fraction_of_last_tier']:.1%}){over} | "
                          f"{reach} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines) + "\n"
 
