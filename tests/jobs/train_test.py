@@ -71,11 +71,12 @@ def test_same_loss_trajectory_on_1_and_8_devices(data_dir, devices):
     one = _loss_trajectory(config, parallel.make_mesh(1), 12)
     eight = _loss_trajectory(config, parallel.make_mesh(8), 12)
     assert len(set(one)) > 10  # the loss moves: the comparison is not vacuous
-    # The meshes sum in different orders (~1e-7 apart from step 3 on) and training on
+    # The meshes sum in different orders (~4e-7 apart from step 3 on) and training on
     # 8-clip batches amplifies that (BatchNorm over channels nearly constant across the
-    # batch, e.g. on the uniform floor; ~10x per step here): the first steps must agree
-    # to float precision, the rest only stay the same trajectory.
-    np.testing.assert_allclose(eight[:6], one[:6], rtol=1e-5)
+    # batch, e.g. on the uniform floor; ~10x per step from step 5 here: 1.6e-5 at step 5,
+    # 6e-5 at step 6): the first four steps must agree to float precision, the rest only
+    # stay the same trajectory.
+    np.testing.assert_allclose(eight[:4], one[:4], rtol=1e-6)
     np.testing.assert_allclose(eight, one, rtol=1e-2)
 
 
