@@ -145,3 +145,18 @@ def test_tiers_variants_hold_exactly_their_jobs_sections():
     assert load_config(f"{TIERS}:cloud").train.steps == 900
     with pytest.raises(ValueError, match="unknown stage"):
         load_config(f"{TIERS}:label:nope")
+
+
+def test_cema_sweep_is_the_long_adapt_config_with_lam_variants():
+    """configs/cema_sweep.py: adapt_long's sections, every method resolvable, and each
+    `cema_lamN` CEMA with only its E_max scale changed."""
+    from dmd_jax import tta
+    config = load_config(f"{REPO}/configs/cema_sweep.py")
+    job = jobs.module(config.job)
+    config_utils.check_sections(config, config.job, job.SECTIONS, keys=job.KEYS)
+    tta.check(config.adapt)
+    assert config.adapt.split == "stream"
+    _, paper = tta.method_settings(config.adapt, "cema")
+    for lam in (0.3, 0.45, 0.9):
+        implementation, settings = tta.method_settings(config.adapt, f"cema_lam{round(lam * 100)}")
+        assert implementation == "cema" and settings == {**paper, "lam": lam}

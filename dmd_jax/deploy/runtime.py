@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import threading
 from typing import Any, Mapping
 
@@ -103,7 +104,7 @@ class OpenVino:
     network (its 3D convolutions; BENCHMARKS.md "Edge export")."""
 
     def __init__(self, path: str, threads: int):
-        import openvino as ov
+        ov = import_openvino()
         config = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
@@ -116,6 +117,28 @@ class OpenVino:
             out = self._request.infer(dict(feeds))
             # Copies: the request reuses its output buffers for the next batch.
             return [np.array(out[self._compiled.output(name)]) for name in OUTPUTS]
+
+
+def import_openvino():
+    """`import openvino` without its converter's usage telemetry.
+
+    On import, `openvino.tools.ovc` sends a usage event from a child started with
+    `os.fork()` (openvino_telemetry's GA4 backend): a network call nobody asked for, and a
+    fork of a multithreaded process (a JAX host, the cloud server), which can deadlock the
+    child and leave the parent waiting on it at exit. Hiding `openvino_telemetry` while
+    openvino is first imported makes it use the stub it ships for that case; the runtime
+    needs nothing from it."""
+    if "openvino" not in sys.modules:
+        hidden = sys.modules.get("openvino_telemetry")
+        sys.modules["openvino_telemetry"] = None  # `import` raises ImportError
+        try:
+            import openvino  # noqa: F401
+        finally:
+            if hidden is None:
+                del sys.modules["openvino_telemetry"]
+            else:
+                sys.modules["openvino_telemetry"] = hidden
+    return sys.modules["openvino"]
 
 
 ENGINES = {"onnxruntime": OnnxRuntime, "openvino": OpenVino}

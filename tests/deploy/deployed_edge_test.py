@@ -143,7 +143,6 @@ def test_each_router_has_the_same_score_in_pytorch(spec):
 @pytest.mark.parametrize("engine", sorted(runtime.ENGINES))
 @pytest.mark.parametrize("normalization", runtime.NORMALIZATIONS)
 def test_the_deployed_edge_computes_what_jax_computes(exported, normalization, engine):
-    pytest.importorskip(engine)
     edge, router, directories = exported
     clips = _clips(8, seed=1)
     logits, scores = _jax_outputs(edge, router, normalization, clips)
@@ -242,6 +241,25 @@ def test_the_deployed_edge_runs_without_jax_or_torch(exported, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     logits, _ = _jax_outputs(edge, router, "batch", clips)
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), logits, atol=1e-4)
+
+
+def test_openvino_is_imported_without_forking_its_telemetry():
+    """Plain `import openvino` forks a child to send a usage event (a fork of a
+    multithreaded JAX process can deadlock); the runtime's import forks nothing and leaves
+    openvino_telemetry importable for whoever wants it."""
+    script = (
+        "import os, sys\n"
+        "forks = []\n"
+        "os.register_at_fork(before=lambda: forks.append(1))\n"
+        "from dmd_jax.deploy import runtime\n"
+        "runtime.import_openvino().Core()\n"
+        "assert 'openvino_telemetry' not in sys.modules\n"
+        "import openvino_telemetry\n"
+        "print('forks', len(forks))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["forks", "0"]
 
 
 def test_a_damaged_artifact_or_wrong_clips_are_refused(exported, tmp_path):
