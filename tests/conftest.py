@@ -39,8 +39,8 @@ from dmd_jax.config_utils import load_config  # noqa: E402
 from dmd_jax.data import pipeline  # noqa: E402
 
 
-# The longest test files, started first so that the two xdist workers (`--dist loadfile`)
-# finish together instead of one waiting on the other's last long file. The first needs
+# The longest test files, started first so that the xdist workers (`--dist loadfile`)
+# finish together instead of one waiting on another's last long file. The first needs
 # the tiny pipeline (built once, under a lock); the next ones need no more than the
 # dataset, so the other worker need not wait for that build.
 SLOW_FIRST = (  # by measured time per file (2-core CPU, cold compilation cache), longest first
