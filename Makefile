@@ -25,11 +25,11 @@ tiers: $(INSTALLED)
 	  $(CPU_MALLOC) $(BIN)/python -m dmd_jax.main --config configs/tiers.py:$$stage \
 	    --workdir runs/demo/tiers/$$(echo $$stage | tr : _) || exit 1; done
 
-# Three test workers on two cores: the suite waits on subprocesses, servers and files as
-# well as on XLA's compiler, and a third worker compiles meanwhile (cold, 2-core AMD EPYC
-# VM, 2026-12-03: 11 min 12 s with 3 workers, 10 min 39 s with 4).
+# Two test workers, one per core: more do not help (cold, 2-core AMD EPYC VM, 2026-12-03:
+# 11 min 26 s with 2 workers, 11 min 12 s with 3, 10 min 39 s with 4; ~1.75 cores busy
+# in each).
 test: $(INSTALLED)
-	$(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=25 tests
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=25 tests
 
 benchmark: $(INSTALLED)
 	$(BIN)/python -m benchmarks.suite
