@@ -229,6 +229,9 @@ def adapt_config(runs: str = "runs/demo") -> ml_collections.ConfigDict:
             **redundancy,
             ema_decay=0.9,
             upload_all=False,  # cloud_all sets it
+            # A share of the clips uploaded uniformly at random instead of filtered (0: off):
+            # the control at matched upload (cloud_random20)
+            random_upload=0.0,
             # BatchNorm with running statistics shared by cloud and edge (test-time batch
             # renormalisation, as the official code) instead of each batch's own:
             batch_renorm=False,
@@ -263,6 +266,8 @@ def adapt_config(runs: str = "runs/demo") -> ml_collections.ConfigDict:
             cema_no_emin=dict(method="cema", low_info_filter=False),
             cema_no_redundancy=dict(method="cema", redundancy_filter=False),
             cloud_all=dict(method="cema", upload_all=True),  # the 100%-upload bound
+            # A random 20% up: do CEMA's filters choose better than chance?
+            cloud_random20=dict(method="cema", random_upload=0.2),
             cema_tbr=dict(method="cema", batch_renorm=True),  # as the official code
             cloud_all_tbr=dict(method="cema", upload_all=True, batch_renorm=True),
             dmd_norm=dict(method="dmd", batch_statistics=True),

@@ -109,3 +109,14 @@ def _duration(seconds: float) -> str:
 def log(message: str) -> None:
     if parallel.is_main_process():
         print(message, flush=True)
+
+
+def devices_sentence(devices: Mapping[str, Any] | None) -> str:
+    """`parallel.describe()` as a report's sentence: 'Ran on 8 TPU v5 lite devices
+    (backend tpu) in 2 processes.'"""
+    if not devices:
+        return "The devices it ran on were not recorded."
+    count, processes = devices["device_count"], devices["process_count"]
+    return (f"Ran on {count} {devices['device_kind']} device{'s' if count != 1 else ''} "
+            f"(backend {devices['backend']}) in {processes} "
+            f"process{'es' if processes != 1 else ''}.")

@@ -149,7 +149,8 @@ def test_tiers_variants_hold_exactly_their_jobs_sections():
 
 def test_cema_sweep_is_the_long_adapt_config_with_lam_variants():
     """configs/cema_sweep.py: adapt_long's sections, every method resolvable, and each
-    `cema_lamN` CEMA with only its E_max scale changed."""
+    `cema_lamN` CEMA with only its E_max scale changed, each random control with only
+    its upload share."""
     from dmd_jax import tta
     config = load_config(f"{REPO}/configs/cema_sweep.py")
     job = jobs.module(config.job)
@@ -160,3 +161,6 @@ def test_cema_sweep_is_the_long_adapt_config_with_lam_variants():
     for lam in (0.3, 0.45, 0.9):
         implementation, settings = tta.method_settings(config.adapt, f"cema_lam{round(lam * 100)}")
         assert implementation == "cema" and settings == {**paper, "lam": lam}
+    for name, share in (("cloud_random20", 0.2), ("cloud_random36", 0.36)):
+        implementation, settings = tta.method_settings(config.adapt, name)
+        assert implementation == "cema" and settings == {**paper, "random_upload": share}

@@ -641,7 +641,7 @@ def markdown(summary: dict[str, Any]) -> str:
     methods = summary["methods"]
     conditions = sorted(next(iter(methods.values()))["corruptions"])
     lines = ["# Online adaptation under corruptions", "",
-             f"Ran on {summary.get('devices')}.", "", *headline_table(summary)]
+             reporting.devices_sentence(summary.get("devices")), "", *headline_table(summary)]
     lines += ["", "## Accuracy per corruption (mean over seeds)", "",
               "| corruption | " + " | ".join(methods) + " |",
               "|---|" + "---|" * len(methods)]

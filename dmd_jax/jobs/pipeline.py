@@ -62,7 +62,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 def report(summary: dict[str, Any], workdir: str) -> str:
     """REPORT.md: what ran, the models, the hybrid system, the routers, adaptation."""
     lines = [f"# dmd_jax pipeline report: `{workdir}`", "",
-             f"Ran on {summary['devices']}.", "",
+             reporting.devices_sentence(summary.get("devices")), "",
              "| stage | headline | seconds |", "|---|---|---|"]
     for name, stage in summary["stages"].items():
         headline = ", ".join(f"{k} {_short(v)}" for k, v in stage.items()

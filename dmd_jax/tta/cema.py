@@ -172,16 +172,47 @@ class UploadFilter:
         return keep, failed
 
 
+class RandomUpload:
+    """The control at matched upload (`random_upload`): a uniformly random share of the
+    clips goes up instead of the ones CEMA's filters keep, so a study can ask whether the
+    filters choose better than chance for the same bytes. Over the stream exactly
+    `round(fraction * clips offered)` go up, so each batch sends its due (12 or 13 of 64
+    at 0.2); the clips of a batch are drawn with a generator keyed by `(seed, clips offered
+    before it)`, so a resumed stream draws the same ones."""
+
+    def __init__(self, fraction: float, seed: int, upload_all: bool):
+        if not 0.0 <= fraction <= 1.0:
+            raise CloudConfigError(f"config.adapt.cema.random_upload={fraction} must be in "
+                                   "[0, 1] (the share of clips uploaded at random; 0: off)")
+        if fraction and upload_all:
+            raise CloudConfigError("config.adapt.cema: random_upload and upload_all both choose "
+                                   "what goes up; set one of them")
+        self.fraction, self._seed, self.offered = float(fraction), seed, 0
+
+    def choose(self, count: int, candidates: np.ndarray | None = None) -> np.ndarray:
+        """The mask of this batch's `count` clips that go up (of `candidates`, default all)."""
+        before, self.offered = self.offered, self.offered + count
+        due = round(self.fraction * self.offered) - round(self.fraction * before)
+        pool = np.arange(count) if candidates is None else np.flatnonzero(candidates)
+        picks = np.random.default_rng([self._seed, before]).choice(
+            pool, size=min(due, len(pool)), replace=False)
+        keep = np.zeros(count, bool)
+        keep[picks] = True
+        return keep
+
+
 class Edge:
     """The edge device: forward passes with the latest parameters from the cloud.
 
     With batch renormalisation its running statistics come from its first batch until
-    the cloud sends its own; the edge itself never updates them."""
+    the cloud sends its own; the edge itself never updates them. `seed` keys the random
+    upload's draws (`RandomUpload`), when one is asked for."""
 
-    def __init__(self, model: Adaptable, mesh, cfg: ml_collections.ConfigDict):
+    def __init__(self, model: Adaptable, mesh, cfg: ml_collections.ConfigDict, seed: int = 0):
         self.model, self._mesh, self.renorm = model, mesh, cfg.batch_renorm
         self.filter = UploadFilter(model.num_classes, cfg)
         self.upload_all = cfg.upload_all
+        self.random = RandomUpload(cfg.random_upload, seed, cfg.upload_all)
         self.upload_crf = int(cfg.upload_crf)
         if self.upload_crf:
             uploads.check_crf(self.upload_crf, "config.adapt.cema.upload_crf")
@@ -201,11 +232,12 @@ class Edge:
         self._stats_ready = not self.renorm
         self._stats_to_send = None  # the first batch's statistics, until they went up
         self.filter.reset()
+        self.random.offered = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"norm_affine": parallel.fetch(self.norm_affine), "stats": parallel.fetch(self.stats),
                 "stats_ready": self._stats_ready, "stats_to_send": self._stats_to_send,
-                "filter": self.filter.state_dict()}
+                "filter": self.filter.state_dict(), "random_offered": self.random.offered}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.norm_affine = parallel.put_replicated(
@@ -216,6 +248,7 @@ class Edge:
         self._stats_to_send = (None if state["stats_to_send"] is None
                                else base.like(template, state["stats_to_send"]))
         self.filter.load_state_dict(state["filter"])
+        self.random.offered = int(state["random_offered"])
 
     def predict(self, clips: jax.Array) -> np.ndarray:
         return self.predict_outputs(clips)[0]
@@ -250,6 +283,8 @@ class Edge:
         if self.upload_all:
             keep = np.ones(len(logits), bool) if candidates is None else candidates.copy()
             return keep, None
+        if self.random.fraction:
+            return self.random.choose(len(logits), candidates), None
         probs = np.asarray(jax.nn.softmax(logits, axis=-1))
         ent = np.asarray(losses.entropy(logits))
         return self.filter.select(probs, ent, candidates)
@@ -499,7 +534,8 @@ class Cloud:
 EDGE_SETTINGS = (
     "margin_factor", "unreliable_filter", "dynamic_emax", "warmup_clips", "lam",
     "low_info_filter", "e_min", "redundancy_filter", "redundancy_margin",
-    "margin_reference_classes", "ema_decay", "upload_all", "upload_crf", "batch_renorm")
+    "margin_reference_classes", "ema_decay", "upload_all", "random_upload", "upload_crf",
+    "batch_renorm")
 # Over the link (the link job) the uploads' encoding is the link's and the edge sends no
 # running statistics: batch renormalisation stays in the adapt job.
 LINK_EDGE_SETTINGS = tuple(k for k in EDGE_SETTINGS if k not in ("upload_crf", "batch_renorm"))
@@ -562,7 +598,7 @@ class Method:
 
     def __init__(self, edge: Adaptable, cfg: ml_collections.ConfigDict, context: Context):
         self.name = context.name
-        self.edge = Edge(edge, context.mesh, cfg)
+        self.edge = Edge(edge, context.mesh, cfg, context.seed)
         self.cloud = Cloud(edge, context.foundation(), context.mesh, cfg, context.seed)
         self.downlink = Downlink(int(cfg.download_delay))
 

@@ -46,7 +46,7 @@ class Method(cema.Method):
         foundation = context.foundation()
         # Encoding happens once, for both uses, in the offloader.
         self.edge = cema.Edge(edge, context.mesh, ml_collections.ConfigDict(
-            {**cfg.to_dict(), "upload_crf": 0}))
+            {**cfg.to_dict(), "upload_crf": 0}), context.seed)
         self.cloud = cema.Cloud(edge, foundation, context.mesh, cfg, context.seed)
         self.downlink = cema.Downlink(int(cfg.download_delay))
         self.offloader = offload.Offloader(edge, foundation.model, cfg, context.mesh)

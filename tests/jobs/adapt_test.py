@@ -3,6 +3,7 @@ streams, forced divergence, bad input."""
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -59,6 +60,7 @@ def test_summary_contract(mixed_run):
     assert on_disk["methods"]["tent"]["accuracy"] == summary["methods"]["tent"]["accuracy"]
     report = open(os.path.join(workdir, "report.md")).read()
     assert "| cema |" in report and "gaussian_noise@5" in report and "mPC" in report
+    assert re.search(r"^Ran on \d+ cpu devices? \(backend cpu\) in 1 process\.$", report, re.M)
     assert os.path.getsize(os.path.join(workdir, "accuracy_vs_upload.png")) > 1000
 
 

@@ -47,6 +47,7 @@ def test_pipeline_report(runs):
     assert os.path.exists(f"{root}/hybrid/deferral.png")
     summary = json.load(open(f"{root}/summary.json"))
     assert summary["devices"]["device_count"] == 8
+    assert "Ran on 8 cpu devices (backend cpu) in 1 process." in report
     # the adapt stage: its table in REPORT.md, its mPC per method in summary.json
     assert "## Online adaptation under corruptions" in report and "| cema |" in report
     assert set(summary["stages"]["adapt"]["mpc"]) == {"norm", "cema"}  # the tiny stage's

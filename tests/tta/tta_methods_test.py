@@ -218,6 +218,39 @@ def test_upload_filter_redundancy():
     assert failed["redundant"].tolist() == [True, False]
 
 
+def test_random_upload_sends_its_share_of_the_stream():
+    """The matched-upload control: exactly round(fraction * clips seen) go up, drawn
+    from the candidates only, the same draws for the same seed and stream position."""
+    chooser = cema.RandomUpload(0.2, seed=0, upload_all=False)
+    masks = [chooser.choose(64) for _ in range(10)]
+    assert np.cumsum([m.sum() for m in masks]).tolist() == [
+        round(0.2 * 64 * (i + 1)) for i in range(10)]
+    again = cema.RandomUpload(0.2, seed=0, upload_all=False)
+    assert all((again.choose(64) == m).all() for m in masks)
+    other = cema.RandomUpload(0.2, seed=1, upload_all=False)
+    assert any((other.choose(64) != m).any() for m in masks)
+    candidates = np.zeros(64, bool)
+    candidates[:5] = True  # fewer candidates than the batch's due: all of them, no more
+    keep = cema.RandomUpload(0.2, seed=0, upload_all=False).choose(64, candidates)
+    assert keep.tolist() == candidates.tolist()
+    with pytest.raises(ValueError, match="random_upload=1.5"):
+        cema.RandomUpload(1.5, seed=0, upload_all=False)
+    with pytest.raises(ValueError, match="set one of them"):
+        cema.RandomUpload(0.2, seed=0, upload_all=True)
+
+
+def test_cema_with_random_upload_resumes_mid_stream_exactly(mesh, shared):
+    method = shared["cloud_all"]  # compiled once; its edge switched to the random control
+    method.edge.upload_all, method.edge.random = False, cema.RandomUpload(0.5, 3, False)
+    try:
+        stream = [on_mesh(clips(70 + i), mesh) for i in range(5)]
+        assert_resumes_exactly(method, stream, cut=2)
+        method.reset()
+        assert [method.process(b).uploaded.sum() for b in stream] == [4] * 5
+    finally:
+        method.edge.upload_all, method.edge.random = True, cema.RandomUpload(0.0, 0, True)
+
+
 def test_cema_message_boundary_and_accounting(edge, mesh, shared):
     edge_model, method = edge, shared["cloud_all"]
     method.reset()
