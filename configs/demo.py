@@ -242,6 +242,9 @@ def adapt_config(runs: str = "runs/demo") -> ml_collections.ConfigDict:
             new_per_step=32,
             replay_per_step=96,
             replay_from=256,
+            # Replay-only steps fill each upload's steps up to this many (the authors' 1: a
+            # replayed step when nothing new arrived); the cloud's compute, not the link's
+            min_cloud_steps=1,
             foundation_learning_rate=2.5e-4,
             edge_learning_rate=2.5e-3,
             momentum=0.9,

@@ -9,7 +9,8 @@ Two objects with an explicit message boundary, as on real hardware:
   both optimiser states. On every 32 new clips it adapts the foundation model on them by
   weighted entropy, then distils it into the edge copy's normalisation parameters on the
   new clips plus 96 replayed ones (once the buffer holds 256); with no new step but a
-  full enough buffer, the edge copy learns from 128 replayed clips alone. The edge's new
+  full enough buffer, the edge copy learns from 128 replayed clips alone (replay-only steps
+  fill each upload's up to `min_cloud_steps`; the authors' 1: one step). The edge's new
   parameters go back down as a `Download`. Where METHODS.md §2 leaves the order open,
   this follows the official CEMA code (foundation on new clips only, distillation
   targets from the updated foundation model).
@@ -347,6 +348,10 @@ class Cloud:
         if foundation.model.class_names != edge_model.model.class_names:
             raise CloudConfigError("CEMA's foundation (cloud) and edge models must predict the same "
                             "classes; train or convert the cloud for the edge's dataset")
+        if int(cfg.min_cloud_steps) != cfg.min_cloud_steps or cfg.min_cloud_steps < 0:
+            raise CloudConfigError(
+                f"config.adapt.cema.min_cloud_steps={cfg.min_cloud_steps} must be a whole "
+                "number >= 0 (the cloud's steps per received upload, at least; 1: the authors')")
         if cfg.replay_from < cfg.new_per_step + cfg.replay_per_step:
             raise CloudConfigError(
                 f"config.adapt.cema.replay_from={cfg.replay_from} must be at least "
@@ -434,9 +439,10 @@ class Cloud:
             replay = (self.buffer.sample(cfg.replay_per_step)
                       if len(self.buffer) >= cfg.replay_from else None)
             step_losses.append(self._run_step(new, replay))
-        # A replay-only step once the buffer holds *more* than replay_from clips (the
-        # authors' `len(history_buffer) > 256`; the mixed step above needs as many).
-        if not step_losses and len(self.buffer) > cfg.replay_from:
+        # Replay-only steps up to min_cloud_steps once the buffer holds *more* than
+        # replay_from clips (the authors': one when nothing new arrived, at their
+        # `len(history_buffer) > 256`; the mixed step above needs as many).
+        while len(step_losses) < cfg.min_cloud_steps and len(self.buffer) > cfg.replay_from:
             step_losses.append(self._run_step(
                 None, self.buffer.sample(cfg.new_per_step + cfg.replay_per_step)))
             self.replay_only_steps += 1
@@ -541,7 +547,7 @@ EDGE_SETTINGS = (
 LINK_EDGE_SETTINGS = tuple(k for k in EDGE_SETTINGS if k not in ("upload_crf", "batch_renorm"))
 SETTINGS = EDGE_SETTINGS + (
     "buffer_size", "new_per_step", "replay_per_step", "replay_from", "foundation_learning_rate",
-    "edge_learning_rate", "momentum", "alpha", "beta", "gamma", "temperature")
+    "edge_learning_rate", "momentum", "alpha", "beta", "gamma", "temperature", "min_cloud_steps")
 
 
 class Downlink:

@@ -283,9 +283,19 @@ def test_cema_replay_only_step_when_nothing_new_arrives(mesh, shared):
     assert cloud.receive(cema.Upload(clips(22, batch=0))) == (None, [])  # exactly 16
     download, steps = cloud.receive(cema.Upload(clips(23, batch=1)))
     assert download is not None and len(steps) == 1  # 17: replayed 16 clips from the buffer
-    config.replay_from = 8
-    with pytest.raises(ValueError, match="replay_from"):
-        cema.Cloud(random_model(0), random_model(1), mesh, config, seed=0)
+    # min_cloud_steps: replay-only steps fill each upload's steps up to it.
+    built = cloud.cfg
+    cloud.cfg = ml_collections.ConfigDict({**built.to_dict(), "min_cloud_steps": 3})
+    try:
+        assert len(cloud.receive(cema.Upload(clips(24, batch=0)))[1]) == 3
+        assert len(cloud.receive(cema.Upload(clips(25, batch=8)))[1]) == 3  # 1 new, 2 replayed
+        assert cloud.replay_only_steps == 1 + 3 + 2
+    finally:
+        cloud.cfg = built
+    for bad in ({"replay_from": 8}, {"min_cloud_steps": 1.5}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            cema.Cloud(random_model(0), random_model(1), mesh,
+                       ml_collections.ConfigDict({**config.to_dict(), **bad}), seed=0)
 
 
 class CompileCounter:
