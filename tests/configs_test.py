@@ -164,3 +164,24 @@ def test_cema_sweep_is_the_long_adapt_config_with_lam_variants():
     for name, share in (("cloud_random20", 0.2), ("cloud_random36", 0.36)):
         implementation, settings = tta.method_settings(config.adapt, name)
         assert implementation == "cema" and settings == {**paper, "random_upload": share}
+
+
+def test_cema_controls_change_only_what_goes_up_and_the_cloud_steps():
+    """configs/cema_controls.py: adapt_long's sections, three seeds, every method and
+    difference resolvable, and each control CEMA with only its upload choice and its
+    cloud steps changed."""
+    from dmd_jax import tta
+    config = load_config(f"{REPO}/configs/cema_controls.py")
+    job = jobs.module(config.job)
+    config_utils.check_sections(config, config.job, job.SECTIONS, keys=job.KEYS)
+    tta.check(config.adapt)
+    assert config.adapt.split == "stream" and tuple(config.adapt.seeds) == (0, 1, 2)
+    _, paper = tta.method_settings(config.adapt, "cema")
+    expected = {"cloud_random20": {"random_upload": 0.2},
+                "cloud_random20_steps4": {"random_upload": 0.2, "min_cloud_steps": 4},
+                "cloud_all_steps4": {"upload_all": True, "min_cloud_steps": 4}}
+    for name, changed in expected.items():
+        implementation, settings = tta.method_settings(config.adapt, name)
+        assert implementation == "cema" and settings == {**paper, **changed}
+    for spec in config.adapt.differences:  # none skipped for a method not run
+        assert set(spec.split("-")) <= set(config.adapt.methods), spec
