@@ -239,16 +239,26 @@ def test_random_upload_sends_its_share_of_the_stream():
         cema.RandomUpload(0.2, seed=0, upload_all=True)
 
 
-def test_cema_with_random_upload_resumes_mid_stream_exactly(mesh, shared):
-    method = shared["cloud_all"]  # compiled once; its edge switched to the random control
-    method.edge.upload_all, method.edge.random = False, cema.RandomUpload(0.5, 3, False)
+def test_random_upload_edge_resumes_its_draws_exactly(shared):
+    """The edge's random draws continue where they stopped after its state went through
+    the stream checkpoint's file format and a reset (the cloud's resume: cloud_all's test)."""
+    from flax import serialization
+
+    edge = shared["cloud_all"].edge  # compiled once; switched to the random control here
+    edge.upload_all, edge.random = False, cema.RandomUpload(0.3, 3, False)
     try:
-        stream = [on_mesh(clips(70 + i), mesh) for i in range(5)]
-        assert_resumes_exactly(method, stream, cut=2)
-        method.reset()
-        assert [method.process(b).uploaded.sum() for b in stream] == [4] * 5
+        logits = np.zeros((8, NUM_CLASSES), np.float32)
+        edge.reset()
+        first = [edge.choose(logits)[0] for _ in range(2)]
+        saved = serialization.msgpack_serialize(serialization.to_state_dict(edge.state_dict()))
+        straight = [edge.choose(logits)[0] for _ in range(3)]
+        edge.reset()
+        edge.load_state_dict(serialization.msgpack_restore(saved))
+        resumed = [edge.choose(logits)[0] for _ in range(3)]
+        assert all((a == b).all() for a, b in zip(straight, resumed))
+        assert [int(m.sum()) for m in first + straight] == [2, 3, 2, 3, 2]  # 0.3 x 8, 16, ...
     finally:
-        method.edge.upload_all, method.edge.random = True, cema.RandomUpload(0.0, 0, True)
+        edge.upload_all, edge.random = True, cema.RandomUpload(0.0, 0, True)
 
 
 def test_cema_message_boundary_and_accounting(edge, mesh, shared):
